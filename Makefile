@@ -1,0 +1,37 @@
+# MoE Lab. The two commands are `make lab` and `make test`; every target creates .venv when it is missing.
+#   make lab      install, then open JupyterLab on notebooks/ (127.0.0.1, token kept)
+#   make test     install, then the unit tests and strict nbval over every notebook
+#   make execute  re-run every notebook in place exactly as the tests run it (refreshes the stored outputs)
+#   make bench    run every script in benchmarks/ (results in benchmarks/results/*.json)
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# Notebook outputs are compared exactly, so notebooks run with progress bars off and a fixed thread count.
+NB_ENV := TQDM_DISABLE=1 MOELAB_THREADS=2 PYTHONHASHSEED=0
+NBVAL  := --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout=600
+ROOT   := $(if $(filter 0,$(shell id -u 2>/dev/null)),--allow-root,)
+
+.PHONY: lab test execute bench
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+	  { echo "MoE Lab needs Python >= 3.11; run e.g. 'make PYTHON=python3.11 test'"; exit 1; }
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[lab,test]'
+	$(BIN)/python -m ipykernel install --sys-prefix --name moelab --display-name "Python (moelab)" >/dev/null
+	@touch $@
+
+lab: $(STAMP)
+	$(BIN)/jupyter lab --notebook-dir=notebooks --ServerApp.ip=127.0.0.1 $(ROOT)
+
+test: $(STAMP)
+	$(NB_ENV) $(BIN)/python -m pytest $(NBVAL) tests notebooks
+
+execute: $(STAMP)
+	$(NB_ENV) $(BIN)/jupyter nbconvert --to notebook --execute --inplace \
+	  --ExecutePreprocessor.timeout=600 --ExecutePreprocessor.record_timing=False notebooks/*.ipynb
+
+bench: $(STAMP)
+	@for script in benchmarks/*.py; do echo "== $$script"; $(NB_ENV) $(BIN)/python $$script || exit 1; done

@@ -1,0 +1,99 @@
+"""Notebook run times and the fresh-clone test time: the course's time budgets, measured on this machine.
+
+    python benchmarks/notebooks.py                  # every notebook, then `make test` in a fresh clone
+    python benchmarks/notebooks.py --notebooks-only # skip the fresh clone (a few minutes less)
+
+Each notebook is executed as `make execute` runs it (same kernel, progress bars off, 2 threads), on a copy,
+so the stored outputs are untouched. The fresh clone is `git clone` of this repository's HEAD into a temporary
+folder followed by `make test` there with pip's cache disabled, so the install is timed as a new user's is.
+Targets (issue #2): every notebook <= 120 s; `make test` on a fresh clone <= 600 s including install.
+Writes benchmarks/results/notebooks.json and prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import nbformat
+import torch
+from nbclient import NotebookClient
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK_BUDGET_S = 120
+FRESH_CLONE_BUDGET_S = 600
+NB_ENV = {"TQDM_DISABLE": "1", "MOELAB_THREADS": "2", "PYTHONHASHSEED": "0"}  # as in the Makefile
+
+
+def time_notebook(path: Path) -> dict:
+    """Execute a copy of the notebook in its folder; wall time including kernel start, and the slowest cell."""
+    nb = nbformat.read(path, as_version=4)
+    client = NotebookClient(nb, timeout=600, kernel_name="moelab", record_timing=True,
+                            resources={"metadata": {"path": str(path.parent)}})
+    start = time.perf_counter()
+    client.execute()
+    seconds = time.perf_counter() - start
+    cell_seconds = []
+    for cell in nb.cells:
+        timing = cell.get("metadata", {}).get("execution", {})
+        if "iopub.execute_input" in timing and "shell.execute_reply" in timing:
+            t0 = datetime.datetime.fromisoformat(timing["iopub.execute_input"].replace("Z", "+00:00"))
+            t1 = datetime.datetime.fromisoformat(timing["shell.execute_reply"].replace("Z", "+00:00"))
+            cell_seconds.append((t1 - t0).total_seconds())
+    return {"case": path.stem, "seconds": round(seconds, 1), "code_cells": len(cell_seconds),
+            "slowest_cell_s": round(max(cell_seconds, default=0.0), 1)}
+
+
+def time_fresh_clone() -> dict:
+    """`git clone` HEAD and run `make test` there with a cold pip cache; wall time of the whole command."""
+    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
+    if dirty.strip():
+        print("note: the working tree has uncommitted changes; the fresh clone measures HEAD without them")
+    with tempfile.TemporaryDirectory(prefix="moelab-fresh-") as tmp:
+        subprocess.run(["git", "clone", "--quiet", str(ROOT), tmp], check=True)
+        env = {k: v for k, v in os.environ.items() if k not in NB_ENV and not k.startswith("VIRTUAL_ENV")}
+        env["PIP_NO_CACHE_DIR"] = "1"
+        start = time.perf_counter()
+        result = subprocess.run(["make", "test"], cwd=tmp, env=env, capture_output=True, text=True)
+        seconds = time.perf_counter() - start
+    if result.returncode != 0:
+        sys.exit(f"make test failed in the fresh clone:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    summary = [line for line in result.stdout.splitlines() if " passed" in line][-1].strip("= ")
+    return {"case": "make test (fresh clone, cold pip cache)", "seconds": round(seconds, 1), "pytest": summary}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--notebooks-only", action="store_true", help="skip the fresh-clone `make test`")
+    args = parser.parse_args()
+    os.environ.update(NB_ENV)
+    rows = [time_notebook(p) for p in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))]
+    targets = [{"name": f"{r['case']} executes in <= {NOTEBOOK_BUDGET_S} s", "value": r["seconds"], "op": "<=",
+                "target": NOTEBOOK_BUDGET_S, "met": r["seconds"] <= NOTEBOOK_BUDGET_S} for r in rows]
+    if not args.notebooks_only:
+        rows.append(time_fresh_clone())
+        targets.append({"name": f"make test on a fresh clone, install included, <= {FRESH_CLONE_BUDGET_S} s",
+                        "value": rows[-1]["seconds"], "op": "<=", "target": FRESH_CLONE_BUDGET_S,
+                        "met": rows[-1]["seconds"] <= FRESH_CLONE_BUDGET_S})
+    result = {"benchmark": "notebooks", "torch": torch.__version__, "threads": int(NB_ENV["MOELAB_THREADS"]),
+              "cpu_count": os.cpu_count(), "created": datetime.date.today().isoformat(), "rows": rows,
+              "targets": targets}
+    out = ROOT / "benchmarks" / "results" / "notebooks.json"
+    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(f"{'case':42s} {'seconds':>8s}  details")
+    for row in rows:
+        details = {k: v for k, v in row.items() if k not in ("case", "seconds")}
+        print(f"{row['case']:42s} {row['seconds']:8.1f}  {details}")
+    for t in targets:
+        print(f"{'met ' if t['met'] else 'MISSED'} {t['name']}: {t['value']}")
+    print(f"wrote {out.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()

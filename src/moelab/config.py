@@ -1,0 +1,113 @@
+"""Model configuration with validation that names the bad field and what is allowed.
+
+Field names follow the papers the course builds on: ``d_model`` and ``d_ff`` (Vaswani et al. 2017),
+``n_head`` / ``n_kv_head`` for grouped-query attention (Ainslie et al. 2023, GQA), ``rope_theta`` for
+rotary embeddings (Su et al. 2021, RoFormer). Built in notebooks/01_dense_baseline.ipynb.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration field holds a value that is not allowed; the message names the field and the allowed values."""
+
+
+def check(ok: bool, owner: str, field: str, value: Any, allowed: str) -> None:
+    """Raise :class:`ConfigError` naming ``owner.field`` and what is allowed, unless ``ok``."""
+    if not ok:
+        raise ConfigError(f"{owner}.{field} = {value!r} is not allowed; {allowed}")
+
+
+def check_int(owner: str, field: str, value: Any, minimum: int = 1) -> None:
+    """``value`` must be a Python int (not a bool) that is at least ``minimum``."""
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    check(is_int and value >= minimum, owner, field, value, f"allowed: an integer >= {minimum}")
+
+
+def check_float(owner: str, field: str, value: Any, low: float, high: float, *, high_open: bool = False) -> None:
+    """``value`` must be a finite real number in ``[low, high]`` (or ``[low, high)`` when ``high_open``)."""
+    is_num = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    inside = is_num and low <= value and (value < high if high_open else value <= high)
+    bracket = ")" if high_open else "]"
+    check(inside, owner, field, value, f"allowed: a number in [{low:g}, {high:g}{bracket}")
+
+
+def from_dict(cls: type, values: dict[str, Any]):
+    """Build the dataclass ``cls`` from a dict (e.g. one stored in a checkpoint), naming any unknown field."""
+    allowed = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(allowed))
+    if unknown:
+        raise ConfigError(f"{cls.__name__} has no field {unknown[0]!r}; allowed fields: {', '.join(allowed)}")
+    return cls(**values)
+
+
+def swiglu_hidden(d_model: int, multiple_of: int = 32) -> int:
+    """Llama's SwiGLU width: 2/3 of 4·d_model (same FLOPs as a 4·d GELU MLP), rounded up to ``multiple_of``.
+
+    Source: Touvron et al. 2023 (LLaMA) §2, and ``FeedForward`` in meta-llama/llama ``model.py``.
+    """
+    hidden = int(2 * 4 * d_model / 3)
+    return multiple_of * math.ceil(hidden / multiple_of)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A decoder-only language model. Frozen: derive variants with ``dataclasses.replace`` (which re-validates).
+
+    ``n_kv_head = None`` means ``n_head`` (plain multi-head attention); a divisor of ``n_head`` gives GQA.
+    ``d_ff = None`` means :func:`swiglu_hidden` of ``d_model``.
+    """
+
+    vocab_size: int
+    block_size: int = 128
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int | None = None
+    d_model: int = 128
+    d_ff: int | None = None
+    dropout: float = 0.0
+    rope_theta: float = 10_000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        owner = type(self).__name__
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model"):
+            check_int(owner, name, getattr(self, name))
+        if self.n_kv_head is None:
+            object.__setattr__(self, "n_kv_head", self.n_head)
+        if self.d_ff is None:
+            object.__setattr__(self, "d_ff", swiglu_hidden(self.d_model))
+        check_int(owner, "d_ff", self.d_ff)
+        check_int(owner, "n_kv_head", self.n_kv_head)
+        heads = [h for h in range(1, self.d_model + 1) if self.d_model % h == 0 and (self.d_model // h) % 2 == 0]
+        check(self.n_head in heads, owner, "n_head", self.n_head,
+              f"it must divide d_model = {self.d_model} into an even head_dim (RoPE rotates pairs); "
+              f"allowed: {', '.join(map(str, heads))}")
+        kv = [h for h in range(1, self.n_head + 1) if self.n_head % h == 0]
+        check(self.n_kv_head in kv, owner, "n_kv_head", self.n_kv_head,
+              f"it must divide n_head = {self.n_head}; allowed: {', '.join(map(str, kv))}")
+        check_float(owner, "dropout", self.dropout, 0.0, 1.0, high_open=True)
+        check(isinstance(self.rope_theta, (int, float)) and self.rope_theta > 1, owner, "rope_theta",
+              self.rope_theta, "allowed: a number > 1 (10000 in RoFormer and Llama)")
+        check_float(owner, "norm_eps", self.norm_eps, 0.0, 1.0)
+        check(self.norm_eps > 0, owner, "norm_eps", self.norm_eps, "allowed: a number in (0, 1]")
+        check(isinstance(self.tie_embeddings, bool), owner, "tie_embeddings", self.tie_embeddings,
+              "allowed: True or False")
+        check_float(owner, "init_std", self.init_std, 0.0, 1.0)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "ModelConfig":
+        return from_dict(cls, values)

@@ -1,0 +1,218 @@
+"""A decoder-only transformer language model, written to be read in one sitting.
+
+Pre-norm residual blocks (``x + attn(norm(x))``, ``x + ffn(norm(x))``) with RMSNorm, rotary position
+embeddings, causal multi-head attention with an optional grouped-query layout, and a SwiGLU feed-forward
+network. Module and parameter names follow Llama's and DeepSeek-V3's reference ``model.py`` (``wq``,
+``wo``, ``attn_norm``, ``ffn_norm``, ``tok_embeddings``, ``output``). The FFN slot is pluggable:
+``Transformer(config, make_ffn=...)`` puts any module there, which is how later chapters insert MoE layers.
+Built in notebooks/01_dense_baseline.ipynb.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """``x / sqrt(mean(x²) + eps) * weight`` over the last dimension (Zhang & Sennrich 2019, arXiv:1910.07467).
+
+    Computed in float32 whatever the input dtype, as Llama and DeepSeek-V3 do.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed * self.weight.float()).type_as(x)
+
+
+def rope_cache(head_dim: int, max_len: int, theta: float = 10_000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotation angles ``m·θ_i``, ``θ_i = theta^(-2i/head_dim)``: each ``(max_len, head_dim/2)``.
+
+    Source: Su et al. 2021, RoFormer (arXiv:2104.09864) eq. 15.
+    """
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each pair ``(x[2i], x[2i+1])`` of the last dimension by the angle of its position.
+
+    ``x``: ``(..., T, head_dim)``; ``cos``/``sin``: ``(T, head_dim/2)``. The interleaved-pair layout is
+    RoFormer's eq. 34 and DeepSeek-V3's (complex multiplication); HF Llama rotates halves instead.
+    After rotation ``q_m · k_n`` depends on positions only through ``m - n``.
+    """
+    x1, x2 = x[..., 0::2].float(), x[..., 1::2].float()
+    rotated = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+class CausalSelfAttention(nn.Module):
+    """Causal scaled dot-product attention (Vaswani et al. 2017) with RoPE and grouped-query heads.
+
+    ``n_kv_head < n_head`` shares each key/value head among ``n_head / n_kv_head`` query heads
+    (Ainslie et al. 2023, GQA); ``n_kv_head == n_head`` is plain multi-head attention.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.dropout = config.dropout
+        self.wq = nn.Linear(config.d_model, config.n_head * config.head_dim, bias=False)
+        self.wk = nn.Linear(config.d_model, config.n_kv_head * config.head_dim, bias=False)
+        self.wv = nn.Linear(config.d_model, config.n_kv_head * config.head_dim, bias=False)
+        self.wo = nn.Linear(config.n_head * config.head_dim, config.d_model, bias=False)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)      # (B, H, T, hd)
+        k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)   # (B, KV, T, hd)
+        v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos[:T], sin[:T]), apply_rope(k, cos[:T], sin[:T])
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_head != self.n_head)                              # (B, H, T, hd)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
+        return self.resid_dropout(self.wo(y))
+
+
+class SwiGLU(nn.Module):
+    """``w_down(silu(w_gate(x)) * w_up(x))`` (Shazeer 2020, "GLU Variants Improve Transformer").
+
+    The dense FFN of Llama, Qwen3 and DeepSeek-V3, and the shape of every expert in later chapters.
+    """
+
+    def __init__(self, d_model: int, d_ff: int, dropout: float = 0.0):
+        super().__init__()
+        self.w_gate = nn.Linear(d_model, d_ff, bias=False)
+        self.w_up = nn.Linear(d_model, d_ff, bias=False)
+        self.w_down = nn.Linear(d_ff, d_model, bias=False)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.w_down(F.silu(self.w_gate(x)) * self.w_up(x)))
+
+
+def dense_ffn(config: ModelConfig, layer: int) -> nn.Module:
+    """The default FFN for every layer: a SwiGLU of width ``config.d_ff``."""
+    return SwiGLU(config.d_model, config.d_ff, config.dropout)
+
+
+class Block(nn.Module):
+    """One pre-norm transformer block: ``x + attn(attn_norm(x))`` then ``x + ffn(ffn_norm(x))``."""
+
+    def __init__(self, config: ModelConfig, ffn: nn.Module):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.attn = CausalSelfAttention(config)
+        self.ffn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.ffn = ffn
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+# Parameters that write into the residual stream; GPT-2 scales their init by 1/sqrt(2·n_layer).
+RESIDUAL_OUTPUTS = ("wo", "w_down")
+
+
+class Transformer(nn.Module):
+    """Token embedding → ``n_layer`` blocks → RMSNorm → output head; ``forward`` returns ``(logits, loss)``.
+
+    ``make_ffn(config, layer_index)`` builds the module in each block's FFN slot (default: :func:`dense_ffn`).
+    """
+
+    def __init__(self, config: ModelConfig, make_ffn: Callable[[ModelConfig, int], nn.Module] = dense_ffn):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.d_model)
+        self.dropout = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList(Block(config, make_ffn(config, i)) for i in range(config.n_layer))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.output = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        cos, sin = rope_cache(config.head_dim, config.block_size, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) for every matrix, divided by sqrt(2·n_layer) for residual outputs (GPT-2 §2.3)."""
+        for name, p in self.named_parameters():
+            if p.dim() < 2:
+                continue
+            residual = any(part in RESIDUAL_OUTPUTS for part in name.split(".")[-2:])
+            std = self.config.init_std / (math.sqrt(2 * self.config.n_layer) if residual else 1.0)
+            nn.init.normal_(p, mean=0.0, std=std)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        """``idx``: ``(B, T)`` token ids. Returns logits ``(B, T, vocab)`` and the mean cross-entropy (or None)."""
+        if idx.dim() != 2 or idx.dtype != torch.long:
+            raise ValueError(f"idx must be a (batch, time) tensor of dtype torch.long; got shape "
+                             f"{tuple(idx.shape)} and dtype {idx.dtype}")
+        T = idx.shape[1]
+        if T > self.config.block_size:
+            raise ValueError(f"sequence length {T} exceeds ModelConfig.block_size = {self.config.block_size}")
+        x = self.dropout(self.tok_embeddings(idx))                                  # (B, T, d_model)
+        for layer in self.layers:
+            x = layer(x, self.rope_cos, self.rope_sin)
+        logits = self.output(self.norm(x))                                          # (B, T, vocab)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Append ``max_new_tokens`` sampled tokens to ``idx`` ``(B, T)``; ``temperature = 0`` is greedy.
+
+        The context is cropped to the last ``block_size`` tokens (nanoGPT's ``generate``).
+        """
+        if not (isinstance(temperature, (int, float)) and temperature >= 0):
+            raise ValueError(f"temperature = {temperature!r} is not allowed; allowed: a number >= 0")
+        if top_k is not None and not (isinstance(top_k, int) and 1 <= top_k <= self.config.vocab_size):
+            raise ValueError(f"top_k = {top_k!r} is not allowed; allowed: None or 1..{self.config.vocab_size}")
+        was_training = self.training
+        self.eval()
+        for _ in range(max_new_tokens):
+            logits, _ = self(idx[:, -self.config.block_size:])
+            logits = logits[:, -1, :].float()
+            if temperature == 0:
+                nxt = logits.argmax(-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, top_k).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+            idx = torch.cat((idx, nxt), dim=1)
+        self.train(was_training)
+        return idx
+
+
+def complete(model: Transformer, tokenizer, prompt: str, max_new_tokens: int = 80, temperature: float = 0.8,
+             top_k: int | None = None, seed: int = 0) -> str:
+    """The text ``model`` writes after ``prompt`` (the prompt itself excluded); deterministic in ``seed``.
+
+    ``tokenizer`` is anything with ``encode(str) -> LongTensor`` and ``decode(ids) -> str``.
+    """
+    if not prompt:
+        raise ValueError("prompt = '' is not allowed; allowed: a non-empty string (the model needs a first token)")
+    idx = tokenizer.encode(prompt)[None]
+    out = model.generate(idx, max_new_tokens, temperature, top_k, torch.Generator().manual_seed(seed))
+    return tokenizer.decode(out[0, idx.shape[1]:])

@@ -1,0 +1,231 @@
+"""Training loop: AdamW, linear warmup + cosine decay, gradient clipping, periodic evaluation, checkpoints.
+
+Checkpoints are written atomically (a temporary file in the same folder, flushed, then ``os.replace``) and
+read with ``torch.load(weights_only=True)``. A resumed run continues exactly as an uninterrupted one would,
+bit for bit on CPU: the batches are a function of the step (see :mod:`moelab.data`), the learning rate is a
+function of the step, and the checkpoint holds the optimizer state and the torch RNG state (for dropout).
+Built in notebooks/01_dense_baseline.ipynb.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import ConfigError, ModelConfig, check, check_float, check_int, from_dict
+from .data import CharTokenizer, TextData
+from .model import Transformer
+from .notebook import progress_bar
+
+EVAL_SEED = 10**9  # evaluation batches use seeds EVAL_SEED + i: the same windows for every model and run
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings. Defaults suit the course's small character-level models on a 2-core CPU."""
+
+    max_steps: int = 300
+    batch_size: int = 32
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_interval: int = 50
+    eval_batches: int = 8
+    checkpoint_interval: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        owner = type(self).__name__
+        for name in ("max_steps", "batch_size", "eval_interval", "eval_batches"):
+            check_int(owner, name, getattr(self, name))
+        for name in ("warmup_steps", "checkpoint_interval", "seed"):
+            check_int(owner, name, getattr(self, name), minimum=0)
+        check(self.warmup_steps <= self.max_steps, owner, "warmup_steps", self.warmup_steps,
+              f"allowed: 0..max_steps = {self.max_steps}")
+        check_float(owner, "lr", self.lr, 0.0, 1.0)
+        check(self.lr > 0, owner, "lr", self.lr, "allowed: a number in (0, 1]")
+        check_float(owner, "min_lr", self.min_lr, 0.0, self.lr)
+        check_float(owner, "weight_decay", self.weight_decay, 0.0, 1.0)
+        check_float(owner, "beta1", self.beta1, 0.0, 1.0, high_open=True)
+        check_float(owner, "beta2", self.beta2, 0.0, 1.0, high_open=True)
+        check_float(owner, "grad_clip", self.grad_clip, 0.0, math.inf, high_open=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to ``lr`` over ``warmup_steps`` (Goyal et al. 2017), then cosine decay to ``min_lr``
+    at ``max_steps`` (Loshchilov & Hutter 2017, SGDR without restarts)."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * (cfg.lr - cfg.min_lr)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW (Loshchilov & Hutter 2019); weight decay on matrices only, not on norm gains (as in nanoGPT)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+@torch.no_grad()
+def evaluate(model: Transformer, data: TextData, split: str, batch_size: int, n_batches: int,
+             domain: str | None = None) -> float:
+    """Mean loss over ``n_batches`` fixed batches of ``split`` (optionally one domain), in eval mode."""
+    was_training = model.training
+    model.eval()
+    block = model.config.block_size
+    losses = [model(*data.batch(split, batch_size, block, EVAL_SEED + i, domain))[1].item()
+              for i in range(n_batches)]
+    model.train(was_training)
+    return sum(losses) / len(losses)
+
+
+def domain_losses(model: Transformer, data: TextData, batch_size: int = 16, n_batches: int = 4,
+                  split: str = "val") -> dict[str, float]:
+    """Loss on each domain of ``data`` separately (fixed batches, eval mode)."""
+    return {d: evaluate(model, data, split, batch_size, n_batches, domain=d) for d in data.domains}
+
+
+@dataclass
+class History:
+    """What a run recorded: per-step training loss and learning rate, and periodic train/val evaluations."""
+
+    step: list[int] = field(default_factory=list)
+    loss: list[float] = field(default_factory=list)
+    lr: list[float] = field(default_factory=list)
+    eval_step: list[int] = field(default_factory=list)
+    eval_train: list[float] = field(default_factory=list)
+    eval_val: list[float] = field(default_factory=list)
+    tokens_per_step: int = 0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "History":
+        return from_dict(cls, values)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return len(self.step) * self.tokens_per_step / self.seconds if self.seconds else float("nan")
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    """``torch.save`` to a temporary file next to ``path``, fsync, then atomically rename it over ``path``.
+
+    A crash at any moment leaves either the previous checkpoint or the new one, never a torn file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint with ``weights_only=True`` (tensors and plain containers only, no pickled code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def restore(path: str | Path) -> tuple[Transformer, CharTokenizer, History]:
+    """Rebuild the model, its tokenizer and its training history from a checkpoint written by :func:`train`."""
+    state = load_checkpoint(path)
+    model = Transformer(ModelConfig.from_dict(state["model_config"]))
+    model.load_state_dict(state["model"])
+    return model, CharTokenizer(state["tokenizer"]), History.from_dict(state["history"])
+
+
+def _resume(path: Path, model: Transformer, opt: torch.optim.Optimizer, cfg: TrainConfig) -> tuple[int, History]:
+    state = load_checkpoint(path)
+    for key, current in (("model_config", model.config.to_dict()), ("train_config", cfg.to_dict())):
+        for name, value in current.items():
+            if state[key].get(name) != value:
+                raise ConfigError(f"cannot resume from {path}: its {key} has {name} = {state[key].get(name)!r}, "
+                                  f"this run has {value!r}; allowed: the same value, or a new checkpoint path")
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"])
+    return state["step"], History.from_dict(state["history"])
+
+
+def train(model: Transformer, data: TextData, cfg: TrainConfig, checkpoint: str | Path | None = None,
+          resume: bool = False, progress: bool = True) -> History:
+    """Train ``model`` on ``data`` for ``cfg.max_steps`` steps and return the :class:`History`.
+
+    With ``checkpoint``, the state is saved there every ``cfg.checkpoint_interval`` steps (if > 0) and at the
+    end; with ``resume=True`` and an existing checkpoint, training continues from it exactly.
+    Progress is a ``tqdm.auto`` bar (see :func:`moelab.notebook.progress_bar`).
+    """
+    opt = make_optimizer(model, cfg)
+    block = model.config.block_size
+    start, history = 0, History(tokens_per_step=cfg.batch_size * block)
+    if resume and checkpoint is not None and Path(checkpoint).exists():
+        start, history = _resume(Path(checkpoint), model, opt, cfg)
+
+    def save(step: int) -> None:
+        save_checkpoint(checkpoint, {
+            "model_config": model.config.to_dict(), "train_config": cfg.to_dict(), "step": step,
+            "model": model.state_dict(), "optimizer": opt.state_dict(), "history": history.to_dict(),
+            "rng": torch.get_rng_state(), "tokenizer": data.tokenizer.chars})
+
+    def record_eval(step: int) -> None:
+        history.eval_step.append(step)
+        history.eval_train.append(evaluate(model, data, "train", cfg.batch_size, cfg.eval_batches))
+        history.eval_val.append(evaluate(model, data, "val", cfg.batch_size, cfg.eval_batches))
+
+    model.train()
+    bar = progress_bar(progress, total=cfg.max_steps, initial=start, desc="train")
+    for step in range(start, cfg.max_steps):
+        if step % cfg.eval_interval == 0 and step not in history.eval_step:
+            record_eval(step)
+        t0 = time.perf_counter()
+        lr = lr_at(step, cfg)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        x, y = data.batch("train", cfg.batch_size, block, seed=cfg.seed * 10**6 + step)
+        _, loss = model(x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        history.seconds += time.perf_counter() - t0
+        history.step.append(step)
+        history.loss.append(loss.item())
+        history.lr.append(lr)
+        bar.update(1)
+        bar.set_postfix(loss=f"{history.loss[-1]:.3f}", val=f"{history.eval_val[-1]:.3f}")
+        if checkpoint is not None and cfg.checkpoint_interval and (step + 1) % cfg.checkpoint_interval == 0:
+            save(step + 1)
+    bar.close()
+    if cfg.max_steps not in history.eval_step:
+        record_eval(cfg.max_steps)
+    if checkpoint is not None:
+        save(cfg.max_steps)
+    return history

@@ -1,0 +1,130 @@
+"""Training: schedule, exact resume, atomic checkpoints, weights-only loading."""
+import math
+import pickle
+
+import pytest
+import torch
+
+from moelab.config import ConfigError, ModelConfig
+from moelab.data import build
+from moelab.model import Transformer
+from moelab.train import (History, TrainConfig, domain_losses, evaluate, load_checkpoint, lr_at, restore,
+                          save_checkpoint, train)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return build({"abc": "the cat sat on the mat.\n" * 60, "num": "12+30=42\n" * 120})
+
+
+def model_for(data, seed=0, dropout=0.1):
+    torch.manual_seed(seed)
+    return Transformer(ModelConfig(vocab_size=data.tokenizer.vocab_size, block_size=16, n_layer=2, n_head=2,
+                                   d_model=32, dropout=dropout))
+
+
+CFG = TrainConfig(max_steps=12, batch_size=4, warmup_steps=3, eval_interval=4, eval_batches=2,
+                  checkpoint_interval=5)
+
+
+def test_lr_schedule_warms_up_then_decays_to_min_lr():
+    cfg = TrainConfig(max_steps=100, lr=1e-3, min_lr=1e-4, warmup_steps=10)
+    lrs = [lr_at(s, cfg) for s in range(101)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[100] == pytest.approx(1e-4) and lrs[55] == pytest.approx(5.5e-4)
+
+
+def test_training_lowers_the_loss(data):
+    history = train(model_for(data, dropout=0.0), data, TrainConfig(max_steps=60, batch_size=8, warmup_steps=5,
+                                                                    eval_interval=20, eval_batches=2),
+                    progress=False)
+    assert history.eval_step == [0, 20, 40, 60]
+    assert history.eval_val[-1] < 0.5 * history.eval_val[0]
+    assert len(history.loss) == 60 and history.tokens_per_step == 8 * 16
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_continues_exactly_as_an_uninterrupted_run(data, tmp_path, monkeypatch):
+    full = model_for(data)
+    expected = train(full, data, CFG, progress=False)
+
+    ckpt = tmp_path / "run.pt"
+    original_batch = type(data).batch
+
+    def crash_at_step_8(self, split, batch_size, block_size, seed, domain=None):
+        if split == "train" and seed == 8:
+            raise Interrupt
+        return original_batch(self, split, batch_size, block_size, seed, domain)
+
+    monkeypatch.setattr(type(data), "batch", crash_at_step_8)
+    with pytest.raises(Interrupt):
+        train(model_for(data), data, CFG, checkpoint=ckpt, progress=False)
+    monkeypatch.undo()
+    assert load_checkpoint(ckpt)["step"] == 5
+
+    torch.manual_seed(123)  # a different RNG state: the checkpoint must restore the one dropout needs
+    resumed_model = model_for(data, seed=99)
+    resumed = train(resumed_model, data, CFG, checkpoint=ckpt, resume=True, progress=False)
+    assert resumed.loss == expected.loss  # bit for bit
+    assert resumed.eval_step == expected.eval_step and resumed.eval_val == expected.eval_val
+    for (name, p), q in zip(full.state_dict().items(), resumed_model.state_dict().values()):
+        assert torch.equal(p, q), name
+
+
+def test_resume_refuses_a_different_config(data, tmp_path):
+    ckpt = tmp_path / "run.pt"
+    train(model_for(data), data, CFG, checkpoint=ckpt, progress=False)
+    other = TrainConfig(**{**CFG.to_dict(), "lr": 1e-2})
+    with pytest.raises(ConfigError, match="train_config has lr = 0.003, this run has 0.01"):
+        train(model_for(data), data, other, checkpoint=ckpt, resume=True, progress=False)
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, {"step": 1, "w": torch.ones(3)})
+
+    def torn_save(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", torn_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(path, {"step": 2, "w": torch.zeros(3)})
+    monkeypatch.undo()
+    assert load_checkpoint(path)["step"] == 1  # the previous checkpoint is intact
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # and no temporary file is left
+
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("this would run on load",))
+
+
+def test_checkpoints_load_weights_only(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"step": 1, "payload": Payload()}, path)
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        load_checkpoint(path)
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        load_checkpoint(tmp_path / "absent.pt")
+
+
+def test_restore_rebuilds_model_tokenizer_and_history(data, tmp_path):
+    model = model_for(data, dropout=0.0)
+    history = train(model, data, TrainConfig(max_steps=4, batch_size=2, warmup_steps=1, eval_interval=2,
+                                             eval_batches=1), checkpoint=tmp_path / "m.pt", progress=False)
+    again, tok, hist = restore(tmp_path / "m.pt")
+    assert tok.chars == data.tokenizer.chars and hist.loss == history.loss
+    assert evaluate(again, data, "val", 4, 2) == evaluate(model, data, "val", 4, 2)
+
+
+def test_domain_losses_and_history_round_trip(data):
+    losses = domain_losses(model_for(data), data, batch_size=2, n_batches=1)
+    assert list(losses) == ["abc", "num"] and all(math.isfinite(v) for v in losses.values())
+    h = History(step=[0], loss=[1.5], lr=[0.1], tokens_per_step=4, seconds=2.0)
+    assert History.from_dict(h.to_dict()) == h and h.tokens_per_second == 2.0
+
