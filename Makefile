@@ -1,5 +1,5 @@
 # MoE Lab. The two commands are `make lab` and `make test`; every target creates .venv when it is missing.
-#   make lab      install, then open JupyterLab on notebooks/ (127.0.0.1, token kept)
+#   make lab      install, then open JupyterLab on notebooks/ (127.0.0.1, token kept; LAB_PORT=8888)
 #   make test     install, then the unit tests and strict nbval over every notebook
 #   make execute  re-run every notebook in place exactly as the tests run it (refreshes the stored outputs)
 #   make bench    run every script in benchmarks/ (results in benchmarks/results/*.json)
@@ -12,6 +12,7 @@ STAMP  := $(VENV)/.installed
 NB_ENV := TQDM_DISABLE=1 MOELAB_THREADS=2 PYTHONHASHSEED=0
 NBVAL  := --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout=600
 ROOT   := $(if $(filter 0,$(shell id -u 2>/dev/null)),--allow-root,)
+LAB_PORT ?= 8888
 
 .PHONY: lab test execute bench
 
@@ -24,7 +25,7 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 lab: $(STAMP)
-	$(BIN)/jupyter lab --notebook-dir=notebooks --ServerApp.ip=127.0.0.1 $(ROOT)
+	$(BIN)/jupyter lab --ServerApp.root_dir=notebooks --ServerApp.ip=127.0.0.1 --ServerApp.port=$(LAB_PORT) $(ROOT)
 
 test: $(STAMP)
 	$(NB_ENV) $(BIN)/python -m pytest $(NBVAL) tests notebooks

@@ -1,4 +1,4 @@
-"""Plotting helpers the notebooks share: loss curves, attention maps, labelled bar charts.
+"""Plotting helpers the notebooks share: loss curves and attention maps.
 
 Each helper draws on a given ``matplotlib`` Axes (or a new one) and returns it, so notebooks can combine
 them. Built in notebooks/01_dense_baseline.ipynb.
@@ -32,6 +32,8 @@ def plot_history(history: History, ax: Axes | None = None, label: str = "", x: s
 
     ``x = "tokens"`` puts tokens seen on the horizontal axis instead of optimizer steps.
     """
+    if x not in ("step", "tokens"):
+        raise ValueError(f"x = {x!r} is not allowed; allowed: 'step', 'tokens'")
     ax = _axes(ax)
     scale = history.tokens_per_step if x == "tokens" else 1
     steps = np.asarray(history.step) * scale
@@ -61,14 +63,3 @@ def plot_attention(probs: torch.Tensor, labels: Sequence[str] | None = None, ax:
     ax.set_title(title)
     return ax
 
-
-def plot_bars(names: Sequence[str], values: Sequence[float], ax: Axes | None = None, ylabel: str = "",
-              fmt: str = "{:.2f}", title: str = "") -> Axes:
-    """A bar per name with its value written on top."""
-    ax = _axes(ax)
-    bars = ax.bar(list(names), list(values), color="tab:blue")
-    ax.bar_label(bars, labels=[fmt.format(v) for v in values], fontsize=8)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.margins(y=0.15)
-    return ax
