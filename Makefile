@@ -3,6 +3,7 @@
 #   make test     install, then the unit tests and strict nbval over every notebook
 #   make execute  re-run every notebook in place exactly as the tests run it (refreshes the stored outputs)
 #   make bench    run every script in benchmarks/ (results in benchmarks/results/*.json)
+#   make lock     re-resolve the pins of pyproject.toml in a scratch venv and rewrite constraints.txt
 
 PYTHON ?= python3
 VENV   := .venv
@@ -14,18 +15,19 @@ NBVAL  := --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize
 ROOT   := $(if $(filter 0,$(shell id -u 2>/dev/null)),--allow-root,)
 LAB_PORT ?= 8888
 
-.PHONY: lab test execute bench
+.PHONY: lab test execute bench lock
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
 	  { echo "MoE Lab needs Python >= 3.11; run e.g. 'make PYTHON=python3.11 test'"; exit 1; }
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[lab,test]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[lab,test]'
 	$(BIN)/python -m ipykernel install --sys-prefix --name moelab --display-name "Python (moelab)" >/dev/null
 	@touch $@
 
 lab: $(STAMP)
-	$(BIN)/jupyter lab --ServerApp.root_dir=notebooks --ServerApp.ip=127.0.0.1 --ServerApp.port=$(LAB_PORT) $(ROOT)
+	$(BIN)/jupyter lab --ServerApp.root_dir=. --LabApp.default_url=/lab/tree/notebooks \
+	  --ServerApp.ip=127.0.0.1 --ServerApp.port=$(LAB_PORT) $(ROOT)
 
 test: $(STAMP)
 	$(NB_ENV) $(BIN)/python -m pytest $(NBVAL) tests notebooks
@@ -36,3 +38,9 @@ execute: $(STAMP)
 
 bench: $(STAMP)
 	@for script in benchmarks/*.py; do echo "== $$script"; $(NB_ENV) $(BIN)/python $$script || exit 1; done
+
+lock:
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install --quiet --disable-pip-version-check -e '.[lab,test]'
+	{ sed -n '1,4p' constraints.txt; .venv-lock/bin/pip freeze --exclude-editable | sed -E 's/^torch==([0-9.]+)\+.*/torch==\1/'; } \
+	  > constraints.new && mv constraints.new constraints.txt && rm -rf .venv-lock

@@ -5,7 +5,7 @@
 
 Each notebook is executed as `make execute` runs it (same kernel, progress bars off, 2 threads), on a copy,
 so the stored outputs are untouched. The fresh clone is `git clone` of this repository's HEAD into a temporary
-folder followed by `make test` there with pip's cache disabled, so the install is timed as a new user's is.
+folder followed by `make test` there with pip's cache disabled, so the install is part of the time.
 Targets (issue #2): every notebook <= 120 s; `make test` on a fresh clone <= 600 s including install.
 Writes benchmarks/results/notebooks.json and prints a table.
 """
@@ -51,7 +51,7 @@ def time_notebook(path: Path) -> dict:
 
 
 def time_fresh_clone() -> dict:
-    """`git clone` HEAD and run `make test` there with a cold pip cache; wall time of the whole command."""
+    """`git clone` HEAD and run `make test` there with pip's cache off; wall time of the whole command."""
     dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
     if dirty.strip():
         print("note: the working tree has uncommitted changes; the fresh clone measures HEAD without them")
@@ -65,7 +65,7 @@ def time_fresh_clone() -> dict:
     if result.returncode != 0:
         sys.exit(f"make test failed in the fresh clone:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     summary = [line for line in result.stdout.splitlines() if " passed" in line][-1].strip("= ")
-    return {"case": "make test (fresh clone, cold pip cache)", "seconds": round(seconds, 1), "pytest": summary}
+    return {"case": "make test (fresh clone, pip cache off)", "seconds": round(seconds, 1), "pytest": summary}
 
 
 def main() -> None:

@@ -1,6 +1,7 @@
 """Config validation: every bad field raises a ConfigError naming the field and what is allowed."""
 import dataclasses
 
+import numpy as np
 import pytest
 
 from moelab.config import ConfigError, ModelConfig, swiglu_hidden
@@ -24,8 +25,11 @@ def test_defaults_are_resolved():
     (dict(d_ff=0), "d_ff", "an integer >= 1"),
     (dict(dropout=1.0), "dropout", "[0, 1)"),
     (dict(dropout=float("nan")), "dropout", "[0, 1)"),
-    (dict(rope_theta=0.5), "rope_theta", "a number > 1"),
-    (dict(norm_eps=0.0), "norm_eps", "(0, 1]"),
+    (dict(rope_theta=0.5), "rope_theta", "a number in (1, inf)"),
+    (dict(rope_theta=float("inf")), "rope_theta", "a number in (1, inf)"),
+    (dict(norm_eps=0.0), "norm_eps", "a number in (0, 1]"),
+    (dict(d_model=33, n_head=1), "d_model", "an even number"),
+    (dict(d_model=5040, n_head=11), "n_head", "allowed: 1, 2, 3, 4, 5, 6, 7, 8, …"),
     (dict(tie_embeddings="yes"), "tie_embeddings", "True or False"),
     (dict(init_std=-0.1), "init_std", "[0, 1]"),
 ])
@@ -62,3 +66,14 @@ def test_round_trip_and_unknown_field():
 def test_bad_train_field_is_named(kwargs, field):
     with pytest.raises(ConfigError, match=rf"TrainConfig\.{field} = .* is not allowed; allowed: "):
         TrainConfig(**kwargs)
+
+
+def test_numpy_integers_are_accepted_and_stored_as_int():
+    cfg = ModelConfig(vocab_size=np.int64(50), n_layer=np.int32(2))
+    assert cfg.vocab_size == 50 and type(cfg.vocab_size) is int and type(cfg.n_layer) is int
+
+
+def test_min_lr_defaults_to_a_tenth_of_lr():
+    assert TrainConfig(lr=1e-4).min_lr == pytest.approx(1e-5)
+    with pytest.raises(ConfigError, match=r"TrainConfig.lr = -1 is not allowed; allowed: a number in \(0, 1\]"):
+        TrainConfig(lr=-1)

@@ -89,3 +89,16 @@ def test_course_corpus_loads_with_five_domains():
     assert data.domains == ("arithmetic", "english", "code", "facts", "chinese")
     sizes = [b - a for a, b in data.ranges["val"].values()]
     assert all(15_000 < s < 25_000 for s in sizes)  # about 10 % of 200,000 characters each
+
+
+def test_a_text_too_short_to_hold_out_validation_is_refused(tmp_path):
+    (tmp_path / "one_line.txt").write_text("a single line with no break at the end", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"text 'one_line' \(38 characters\) has no line break in its last 10%"):
+        load_text(tmp_path / "one_line.txt")
+
+
+def test_balanced_batches_cycle_through_the_domains(data):
+    letters = set(data.tokenizer.encode("abcdefgh\n").tolist())
+    x, _ = data.batch("train", 6, 5, seed=0, balanced=True)
+    from_a = [set(row.tolist()) <= letters for row in x]
+    assert from_a == [True, False, True, False, True, False]

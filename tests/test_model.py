@@ -140,8 +140,16 @@ def test_bad_inputs_are_explained():
     model = Transformer(tiny())
     with pytest.raises(ValueError, match="exceeds ModelConfig.block_size = 16"):
         model(torch.zeros(1, 17, dtype=torch.long))
-    with pytest.raises(ValueError, match="dtype torch.long"):
+    with pytest.raises(ValueError, match=r"token ids \(torch.long\) .* dtype torch.float32"):
         model(torch.zeros(1, 4))
+    with pytest.raises(ValueError, match=r"token ids must lie in 0..16 .* got ids from 0 to 17"):
+        model(torch.tensor([[0, 17]]))
+    with pytest.raises(ValueError, match=r"a 1-D prompt needs idx\[None\]"):
+        model.generate(torch.zeros(3, dtype=torch.long), 2)
+    with pytest.raises(ValueError, match="time >= 1"):
+        model.generate(torch.zeros(1, 0, dtype=torch.long), 2)
+    with pytest.raises(ValueError, match="max_new_tokens = -1 is not allowed"):
+        model.generate(torch.zeros(1, 1, dtype=torch.long), -1)
     with pytest.raises(ValueError, match="temperature"):
         model.generate(torch.zeros(1, 1, dtype=torch.long), 2, temperature=-1.0)
     with pytest.raises(ValueError, match="top_k = 0"):
@@ -178,3 +186,22 @@ def test_complete_returns_only_the_continuation():
     assert len(text) == 5 and text == complete(model, Chars(), "abc", max_new_tokens=5, seed=0)
     with pytest.raises(ValueError, match="prompt = '' is not allowed"):
         complete(model, Chars(), "")
+
+
+def test_a_model_on_the_meta_device_builds_and_runs_without_memory():
+    with torch.device("meta"):
+        model = Transformer(tiny(d_model=4096, n_head=32, n_kv_head=8, n_layer=8))
+    assert model.device.type == "meta"
+    logits, loss = model(torch.zeros(2, 16, dtype=torch.long, device="meta"),
+                         torch.zeros(2, 16, dtype=torch.long, device="meta"))
+    assert logits.shape == (2, 16, 17) and loss.device.type == "meta"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_generation_on_cuda_matches_cpu_greedy():
+    torch.manual_seed(0)
+    model = Transformer(tiny())
+    start = torch.zeros(1, 1, dtype=torch.long)
+    cpu = model.generate(start, 8, temperature=0)
+    gpu = model.cuda().generate(start.cuda(), 8, temperature=0).cpu()
+    assert torch.equal(cpu, gpu)

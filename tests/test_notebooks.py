@@ -62,8 +62,3 @@ def test_every_ignored_output_is_followed_by_a_checked_cell(path):
         if "NBVAL_IGNORE_OUTPUT" in source(cell):
             assert i + 1 < len(code) and "NBVAL_IGNORE_OUTPUT" not in source(code[i + 1]), source(cell)[:80]
 
-
-def test_readme_course_map_lists_every_notebook():
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    for path in NOTEBOOKS:
-        assert f"notebooks/{path.name}" in readme, f"README course map lacks {path.name}"

@@ -1,4 +1,4 @@
-"""The dependency pins: exact, identical in pyproject.toml and environment.yml, and what is installed."""
+"""The dependency pins: exact, identical in pyproject.toml, environment.yml and constraints.txt, and installed."""
 import re
 import tomllib
 from importlib.metadata import version
@@ -42,3 +42,18 @@ def test_environment_yml_carries_the_same_pins():
 def test_installed_versions_match_the_pins():
     for name, pinned in pyproject_pins().items():
         assert version(name).split("+")[0] == pinned, f"{name} {version(name)} installed, {pinned} pinned"
+
+
+def test_constraints_lock_every_direct_pin_to_the_same_version():
+    lines = (ROOT / "constraints.txt").read_text(encoding="utf-8").splitlines()
+    locked = {m[1].lower(): m[2] for m in map(PIN.match, lines) if m}
+    assert all(not line.strip() or line.startswith("#") or PIN.match(line) for line in lines)
+    for name, pinned in pyproject_pins().items():
+        assert locked.get(name) == pinned, f"constraints.txt has {name}=={locked.get(name)}, pyproject {pinned}"
+    assert len(locked) > 50  # the transitive packages are locked too
+
+
+def test_installed_packages_match_the_lock():
+    lines = (ROOT / "constraints.txt").read_text(encoding="utf-8").splitlines()
+    for name, locked in (m.groups() for m in map(PIN.match, lines) if m):
+        assert version(name).split("+")[0] == locked, f"{name} {version(name)} installed, {locked} locked"

@@ -1,6 +1,5 @@
 """Training: schedule, exact resume, atomic checkpoints, weights-only loading."""
 import math
-import pickle
 
 import pytest
 import torch
@@ -48,22 +47,27 @@ class Interrupt(Exception):
     pass
 
 
+def train_until_crash(data, cfg, ckpt, crash_step, monkeypatch):
+    """Train with checkpoints, raising at the batch of ``crash_step`` as a killed process would stop."""
+    original_batch = type(data).batch
+
+    def batch(self, split, batch_size, block_size, seed, *args, **kwargs):
+        if split == "train" and seed == crash_step:
+            raise Interrupt
+        return original_batch(self, split, batch_size, block_size, seed, *args, **kwargs)
+
+    monkeypatch.setattr(type(data), "batch", batch)
+    with pytest.raises(Interrupt):
+        train(model_for(data), data, cfg, checkpoint=ckpt, progress=False)
+    monkeypatch.undo()
+
+
 def test_resume_continues_exactly_as_an_uninterrupted_run(data, tmp_path, monkeypatch):
     full = model_for(data)
     expected = train(full, data, CFG, progress=False)
 
     ckpt = tmp_path / "run.pt"
-    original_batch = type(data).batch
-
-    def crash_at_step_8(self, split, batch_size, block_size, seed, domain=None):
-        if split == "train" and seed == 8:
-            raise Interrupt
-        return original_batch(self, split, batch_size, block_size, seed, domain)
-
-    monkeypatch.setattr(type(data), "batch", crash_at_step_8)
-    with pytest.raises(Interrupt):
-        train(model_for(data), data, CFG, checkpoint=ckpt, progress=False)
-    monkeypatch.undo()
+    train_until_crash(data, CFG, ckpt, crash_step=8, monkeypatch=monkeypatch)
     assert load_checkpoint(ckpt)["step"] == 5
 
     torch.manual_seed(123)  # a different RNG state: the checkpoint must restore the one dropout needs
@@ -75,12 +79,31 @@ def test_resume_continues_exactly_as_an_uninterrupted_run(data, tmp_path, monkey
         assert torch.equal(p, q), name
 
 
-def test_resume_refuses_a_different_config(data, tmp_path):
+def test_resume_may_change_only_when_things_are_logged(data, tmp_path, monkeypatch):
+    ckpt = tmp_path / "run.pt"
+    train_until_crash(data, CFG, ckpt, crash_step=7, monkeypatch=monkeypatch)
+    more_often = TrainConfig(**{**CFG.to_dict(), "eval_interval": 3, "checkpoint_interval": 2})
+    resumed = train(model_for(data), data, more_often, checkpoint=ckpt, resume=True, progress=False)
+    assert resumed.loss == train(model_for(data), data, CFG, progress=False).loss
+
+
+def test_resume_refuses_a_different_config_or_tokenizer(data, tmp_path):
     ckpt = tmp_path / "run.pt"
     train(model_for(data), data, CFG, checkpoint=ckpt, progress=False)
     other = TrainConfig(**{**CFG.to_dict(), "lr": 1e-2})
     with pytest.raises(ConfigError, match="train_config has lr = 0.003, this run has 0.01"):
         train(model_for(data), data, other, checkpoint=ckpt, resume=True, progress=False)
+    relabelled = build({"abc": "THE CAT SAT ON THE MAT.\n" * 60, "num": "12+30=42\n" * 120})
+    with pytest.raises(ConfigError, match="trained with a different tokenizer"):
+        train(model_for(data), relabelled, CFG, checkpoint=ckpt, resume=True, progress=False)
+    with pytest.raises(ValueError, match="resume=True needs checkpoint="):
+        train(model_for(data), data, CFG, resume=True, progress=False)
+
+
+def test_a_model_smaller_than_the_vocabulary_is_refused(data):
+    small = Transformer(ModelConfig(vocab_size=3, block_size=16, n_layer=1, n_head=2, d_model=16))
+    with pytest.raises(ConfigError, match=r"ModelConfig.vocab_size = 3 is smaller than the data's vocabulary"):
+        train(small, data, CFG, progress=False)
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
@@ -107,10 +130,17 @@ class Payload:
 def test_checkpoints_load_weights_only(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"step": 1, "payload": Payload()}, path)
-    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+    with pytest.raises(ValueError, match="holds pickled Python objects .* weights_only=True") as err:
         load_checkpoint(path)
+    assert "weights_only=False" not in str(err.value)  # never advise the unsafe way out
     with pytest.raises(FileNotFoundError, match="no checkpoint at"):
         load_checkpoint(tmp_path / "absent.pt")
+    (tmp_path / "torn.pt").write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(ValueError, match="torn.pt is not a readable checkpoint"):
+        load_checkpoint(tmp_path / "torn.pt")
+    torch.save({"weights": torch.ones(2)}, tmp_path / "foreign.pt")
+    with pytest.raises(ValueError, match="foreign.pt is not a moelab training checkpoint: it lacks model_config"):
+        restore(tmp_path / "foreign.pt")
 
 
 def test_restore_rebuilds_model_tokenizer_and_history(data, tmp_path):

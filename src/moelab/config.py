@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,18 +23,29 @@ def check(ok: bool, owner: str, field: str, value: Any, allowed: str) -> None:
         raise ConfigError(f"{owner}.{field} = {value!r} is not allowed; {allowed}")
 
 
-def check_int(owner: str, field: str, value: Any, minimum: int = 1) -> None:
-    """``value`` must be a Python int (not a bool) that is at least ``minimum``."""
-    is_int = isinstance(value, int) and not isinstance(value, bool)
-    check(is_int and value >= minimum, owner, field, value, f"allowed: an integer >= {minimum}")
+def check_int(owner: str, field: str, value: Any, minimum: int = 1) -> int:
+    """``value`` must be an integer (Python or NumPy, not a bool) of at least ``minimum``; returns it as ``int``."""
+    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= minimum
+    check(ok, owner, field, value, f"allowed: an integer >= {minimum}")
+    return int(value)
 
 
-def check_float(owner: str, field: str, value: Any, low: float, high: float, *, high_open: bool = False) -> None:
-    """``value`` must be a finite real number in ``[low, high]`` (or ``[low, high)`` when ``high_open``)."""
-    is_num = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    inside = is_num and low <= value and (value < high if high_open else value <= high)
-    bracket = ")" if high_open else "]"
-    check(inside, owner, field, value, f"allowed: a number in [{low:g}, {high:g}{bracket}")
+def check_float(owner: str, field: str, value: Any, low: float, high: float, *,
+                low_open: bool = False, high_open: bool = False) -> float:
+    """``value`` must be a finite real number between ``low`` and ``high``; returns it as ``float``.
+
+    The interval is closed unless ``low_open`` / ``high_open`` say otherwise, and the message prints it so.
+    """
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (low < value if low_open else low <= value) and (value < high if high_open else value <= high)
+    interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    check(ok, owner, field, value, f"allowed: a number in {interval}")
+    return float(value)
+
+
+def set_checked(obj: Any, field: str, value: Any) -> None:
+    """Store a validated (normalised) value on a frozen dataclass from its ``__post_init__``."""
+    object.__setattr__(obj, field, value)
 
 
 def from_dict(cls: type, values: dict[str, Any]):
@@ -43,6 +55,12 @@ def from_dict(cls: type, values: dict[str, Any]):
     if unknown:
         raise ConfigError(f"{cls.__name__} has no field {unknown[0]!r}; allowed fields: {', '.join(allowed)}")
     return cls(**values)
+
+
+def divisors(n: int) -> list[int]:
+    """The positive divisors of ``n`` in increasing order."""
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return sorted(set(small + [n // d for d in small]))
 
 
 def swiglu_hidden(d_model: int, multiple_of: int = 32) -> int:
@@ -78,28 +96,27 @@ class ModelConfig:
     def __post_init__(self) -> None:
         owner = type(self).__name__
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model"):
-            check_int(owner, name, getattr(self, name))
-        if self.n_kv_head is None:
-            object.__setattr__(self, "n_kv_head", self.n_head)
-        if self.d_ff is None:
-            object.__setattr__(self, "d_ff", swiglu_hidden(self.d_model))
-        check_int(owner, "d_ff", self.d_ff)
-        check_int(owner, "n_kv_head", self.n_kv_head)
-        heads = [h for h in range(1, self.d_model + 1) if self.d_model % h == 0 and (self.d_model // h) % 2 == 0]
+            set_checked(self, name, check_int(owner, name, getattr(self, name)))
+        set_checked(self, "n_kv_head", check_int(owner, "n_kv_head", self.n_head if self.n_kv_head is None
+                                                 else self.n_kv_head))
+        set_checked(self, "d_ff", check_int(owner, "d_ff", swiglu_hidden(self.d_model) if self.d_ff is None
+                                            else self.d_ff))
+        check(self.d_model % 2 == 0, owner, "d_model", self.d_model,
+              "allowed: an even number (RoPE rotates pairs of coordinates, so head_dim must be even)")
+        heads = [h for h in divisors(self.d_model) if (self.d_model // h) % 2 == 0]
+        shown = ", ".join(map(str, heads)) if len(heads) <= 12 else f"{', '.join(map(str, heads[:8]))}, …"
         check(self.n_head in heads, owner, "n_head", self.n_head,
               f"it must divide d_model = {self.d_model} into an even head_dim (RoPE rotates pairs); "
-              f"allowed: {', '.join(map(str, heads))}")
-        kv = [h for h in range(1, self.n_head + 1) if self.n_head % h == 0]
-        check(self.n_kv_head in kv, owner, "n_kv_head", self.n_kv_head,
-              f"it must divide n_head = {self.n_head}; allowed: {', '.join(map(str, kv))}")
-        check_float(owner, "dropout", self.dropout, 0.0, 1.0, high_open=True)
-        check(isinstance(self.rope_theta, (int, float)) and self.rope_theta > 1, owner, "rope_theta",
-              self.rope_theta, "allowed: a number > 1 (10000 in RoFormer and Llama)")
-        check_float(owner, "norm_eps", self.norm_eps, 0.0, 1.0)
-        check(self.norm_eps > 0, owner, "norm_eps", self.norm_eps, "allowed: a number in (0, 1]")
+              f"allowed: {shown}")
+        check(self.n_head % self.n_kv_head == 0, owner, "n_kv_head", self.n_kv_head,
+              f"it must divide n_head = {self.n_head}; allowed: {', '.join(map(str, divisors(self.n_head)))}")
+        set_checked(self, "dropout", check_float(owner, "dropout", self.dropout, 0.0, 1.0, high_open=True))
+        set_checked(self, "rope_theta", check_float(owner, "rope_theta", self.rope_theta, 1.0, math.inf,
+                                                    low_open=True, high_open=True))
+        set_checked(self, "norm_eps", check_float(owner, "norm_eps", self.norm_eps, 0.0, 1.0, low_open=True))
         check(isinstance(self.tie_embeddings, bool), owner, "tie_embeddings", self.tie_embeddings,
               "allowed: True or False")
-        check_float(owner, "init_std", self.init_std, 0.0, 1.0)
+        set_checked(self, "init_std", check_float(owner, "init_std", self.init_std, 0.0, 1.0))
 
     @property
     def head_dim(self) -> int:

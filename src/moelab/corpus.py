@@ -12,7 +12,7 @@ The domains are chosen so that later chapters can watch experts specialise (note
 - ``code``: Python-like snippets with indentation, brackets and consistent variable use;
 - ``facts``: ``entity.attribute = value`` lines over a fixed table of invented entities: the value cannot be
   inferred, only memorised, so model capacity shows up directly in this domain's loss;
-- ``chinese``: sentences from a small Chinese grammar, a non-Latin script with ~90 distinct characters.
+- ``chinese``: sentences from a small Chinese grammar, a non-Latin script with 64 distinct characters.
 """
 from __future__ import annotations
 

@@ -58,24 +58,30 @@ class TextData:
     def domains(self) -> tuple[str, ...]:
         return tuple(self.ranges["train"])
 
-    def batch(self, split: str, batch_size: int, block_size: int, seed: int,
-              domain: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, split: str, batch_size: int, block_size: int, seed: int, domain: str | None = None,
+              balanced: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x, y)``, each ``(batch_size, block_size)``: random windows of the split, ``y`` shifted by one.
 
-        ``domain`` restricts the windows to that domain's text. Deterministic in ``seed``.
+        ``domain`` restricts the windows to that domain's text. ``balanced`` draws window ``i`` from domain
+        ``i mod n_domains``, so that every batch has the same mix of domains (evaluation uses it: a train and
+        a val estimate are then comparable). Deterministic in ``seed``.
         """
         if split not in self.tokens:
             raise ValueError(f"split = {split!r} is not allowed; allowed: 'train', 'val'")
         if domain is not None and domain not in self.ranges[split]:
             raise ValueError(f"domain = {domain!r} is not allowed; allowed: None, {', '.join(self.domains)}")
-        start, end = self.ranges[split][domain] if domain else (0, len(self.tokens[split]))
-        n_starts = end - start - block_size
-        if n_starts < 1:
-            raise ValueError(f"block_size = {block_size} is not allowed: the {split} split"
-                             f"{f' of domain {domain!r}' if domain else ''} has only {end - start} tokens; "
-                             f"allowed: block_size <= {end - start - 1}")
+        names = [domain] if domain else list(self.domains) if balanced else [None]
+        bounds = [self.ranges[split][n] if n else (0, len(self.tokens[split])) for n in names]
+        for name, (start, end) in zip(names, bounds):
+            if end - start - block_size < 1:
+                where = f"the {split} split{f' of domain {name!r}' if name else ''}"
+                raise ValueError(f"block_size = {block_size} is not allowed: {where} has only {end - start} "
+                                 f"tokens; allowed: block_size <= {end - start - 1}, or a longer text")
         g = torch.Generator().manual_seed(seed)
-        offsets = start + torch.randint(n_starts, (batch_size,), generator=g)
+        which = torch.arange(batch_size) % len(bounds)                               # domain of each window
+        low = torch.tensor([start for start, _ in bounds])[which]
+        span = torch.tensor([end - start - block_size for start, end in bounds])[which]
+        offsets = low + (torch.rand(batch_size, generator=g, dtype=torch.float64) * span).long()
         window = offsets[:, None] + torch.arange(block_size + 1)                     # (B, block_size + 1)
         chunk = self.tokens[split][window]
         return chunk[:, :-1], chunk[:, 1:]
@@ -96,7 +102,12 @@ def build(texts: dict[str, str], val_fraction: float = 0.1) -> TextData:
     parts: dict[str, list[str]] = {"train": [], "val": []}
     ranges: dict[str, dict[str, tuple[int, int]]] = {"train": {}, "val": {}}
     for name, text in texts.items():
-        for split, piece in zip(("train", "val"), split_at_line(text, val_fraction)):
+        pieces = split_at_line(text, val_fraction)
+        if len(pieces[1]) < 2:
+            raise ValueError(f"text {name!r} ({len(text)} characters) has no line break in its last "
+                             f"{val_fraction:.0%}, so nothing can be held out for validation; allowed: a text of "
+                             f"several lines, or a larger val_fraction")
+        for split, piece in zip(("train", "val"), pieces):
             start = sum(len(p) for p in parts[split])
             parts[split].append(piece)
             ranges[split][name] = (start, start + len(piece))

@@ -2,9 +2,11 @@
 
 Pre-norm residual blocks (``x + attn(norm(x))``, ``x + ffn(norm(x))``) with RMSNorm, rotary position
 embeddings, causal multi-head attention with an optional grouped-query layout, and a SwiGLU feed-forward
-network. Module and parameter names follow Llama's and DeepSeek-V3's reference ``model.py`` (``wq``,
-``wo``, ``attn_norm``, ``ffn_norm``, ``tok_embeddings``, ``output``). The FFN slot is pluggable:
-``Transformer(config, make_ffn=...)`` puts any module there, which is how later chapters insert MoE layers.
+network. Attention and block names follow Llama's and DeepSeek-V3's reference ``model.py`` (``wq``, ``wo``,
+``attn_norm``, ``ffn_norm``, ``tok_embeddings``, ``output``); the SwiGLU matrices are named for what they do,
+``w_gate`` / ``w_up`` / ``w_down`` (``w1`` / ``w3`` / ``w2`` there, ``gate_proj`` / ``up_proj`` / ``down_proj``
+in Hugging Face). The FFN slot is pluggable: ``Transformer(config, make_ffn=...)`` puts any module there,
+which is how later chapters insert MoE layers.
 Built in notebooks/01_dense_baseline.ipynb.
 """
 from __future__ import annotations
@@ -150,6 +152,10 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
 
+    @property
+    def device(self) -> torch.device:
+        return self.output.weight.device
+
     def reset_parameters(self) -> None:
         """Normal(0, init_std) for every matrix, divided by sqrt(2·n_layer) for residual outputs (GPT-2 §2.3)."""
         for name, p in self.named_parameters():
@@ -161,9 +167,7 @@ class Transformer(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         """``idx``: ``(B, T)`` token ids. Returns logits ``(B, T, vocab)`` and the mean cross-entropy (or None)."""
-        if idx.dim() != 2 or idx.dtype != torch.long:
-            raise ValueError(f"idx must be a (batch, time) tensor of dtype torch.long; got shape "
-                             f"{tuple(idx.shape)} and dtype {idx.dtype}")
+        self._check_ids(idx)
         T = idx.shape[1]
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds ModelConfig.block_size = {self.config.block_size}")
@@ -176,6 +180,14 @@ class Transformer(nn.Module):
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
         return logits, loss
 
+    def _check_ids(self, idx: torch.Tensor) -> None:
+        if idx.dim() != 2 or idx.dtype != torch.long or idx.shape[1] == 0:
+            raise ValueError(f"idx must be a (batch, time) tensor of token ids (torch.long) with time >= 1; got "
+                             f"shape {tuple(idx.shape)} and dtype {idx.dtype} (a 1-D prompt needs idx[None])")
+        if not self.device.type == "meta" and (idx.min() < 0 or idx.max() >= self.config.vocab_size):
+            raise ValueError(f"token ids must lie in 0..{self.config.vocab_size - 1} (ModelConfig.vocab_size = "
+                             f"{self.config.vocab_size}); got ids from {idx.min().item()} to {idx.max().item()}")
+
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -183,6 +195,9 @@ class Transformer(nn.Module):
 
         The context is cropped to the last ``block_size`` tokens (nanoGPT's ``generate``).
         """
+        self._check_ids(idx)
+        if not (isinstance(max_new_tokens, int) and max_new_tokens >= 0):
+            raise ValueError(f"max_new_tokens = {max_new_tokens!r} is not allowed; allowed: an integer >= 0")
         if not (isinstance(temperature, (int, float)) and temperature >= 0):
             raise ValueError(f"temperature = {temperature!r} is not allowed; allowed: a number >= 0")
         if top_k is not None and not (isinstance(top_k, int) and 1 <= top_k <= self.config.vocab_size):
@@ -213,6 +228,7 @@ def complete(model: Transformer, tokenizer, prompt: str, max_new_tokens: int = 8
     """
     if not prompt:
         raise ValueError("prompt = '' is not allowed; allowed: a non-empty string (the model needs a first token)")
-    idx = tokenizer.encode(prompt)[None]
-    out = model.generate(idx, max_new_tokens, temperature, top_k, torch.Generator().manual_seed(seed))
-    return tokenizer.decode(out[0, idx.shape[1]:])
+    idx = tokenizer.encode(prompt)[None].to(model.device)
+    generator = torch.Generator(model.device).manual_seed(seed)
+    out = model.generate(idx, max_new_tokens, temperature, top_k, generator)
+    return tokenizer.decode(out[0, idx.shape[1]:].cpu())

@@ -25,9 +25,13 @@ def setup(seed: int = 0, threads: int | None = None) -> None:
     ``threads`` defaults to ``$MOELAB_THREADS`` or 2. More threads run faster on a bigger machine but may change
     the last digits of results, and so the outputs nbval compares.
     """
-    threads = threads or int(os.environ.get("MOELAB_THREADS", DEFAULT_THREADS))
-    if threads < 1:
-        raise ValueError(f"threads = {threads} is not allowed; allowed: an integer >= 1")
+    if threads is None:
+        raw = os.environ.get("MOELAB_THREADS", str(DEFAULT_THREADS))
+        if not raw.strip().isdigit():
+            raise ValueError(f"MOELAB_THREADS = {raw!r} is not allowed; allowed: an integer >= 1")
+        threads = int(raw)
+    if not (isinstance(threads, int) and threads >= 1):
+        raise ValueError(f"threads = {threads!r} is not allowed; allowed: an integer >= 1")
     torch.set_num_threads(threads)
     random.seed(seed)
     np.random.seed(seed)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import pickle
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .config import ConfigError, ModelConfig, check, check_float, check_int, from_dict
+from .config import ConfigError, ModelConfig, check, check_float, check_int, from_dict, set_checked
 from .data import CharTokenizer, TextData
 from .model import Transformer
 from .notebook import progress_bar
@@ -29,12 +30,15 @@ EVAL_SEED = 10**9  # evaluation batches use seeds EVAL_SEED + i: the same window
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation settings. Defaults suit the course's small character-level models on a 2-core CPU."""
+    """Optimisation settings. Defaults suit the course's small character-level models on a 2-core CPU.
+
+    ``min_lr = None`` means ``lr / 10``, the floor of the cosine decay.
+    """
 
     max_steps: int = 300
     batch_size: int = 32
     lr: float = 3e-3
-    min_lr: float = 3e-4
+    min_lr: float | None = None
     warmup_steps: int = 30
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -48,18 +52,19 @@ class TrainConfig:
     def __post_init__(self) -> None:
         owner = type(self).__name__
         for name in ("max_steps", "batch_size", "eval_interval", "eval_batches"):
-            check_int(owner, name, getattr(self, name))
+            set_checked(self, name, check_int(owner, name, getattr(self, name)))
         for name in ("warmup_steps", "checkpoint_interval", "seed"):
-            check_int(owner, name, getattr(self, name), minimum=0)
+            set_checked(self, name, check_int(owner, name, getattr(self, name), minimum=0))
         check(self.warmup_steps <= self.max_steps, owner, "warmup_steps", self.warmup_steps,
               f"allowed: 0..max_steps = {self.max_steps}")
-        check_float(owner, "lr", self.lr, 0.0, 1.0)
-        check(self.lr > 0, owner, "lr", self.lr, "allowed: a number in (0, 1]")
-        check_float(owner, "min_lr", self.min_lr, 0.0, self.lr)
-        check_float(owner, "weight_decay", self.weight_decay, 0.0, 1.0)
-        check_float(owner, "beta1", self.beta1, 0.0, 1.0, high_open=True)
-        check_float(owner, "beta2", self.beta2, 0.0, 1.0, high_open=True)
-        check_float(owner, "grad_clip", self.grad_clip, 0.0, math.inf, high_open=True)
+        set_checked(self, "lr", check_float(owner, "lr", self.lr, 0.0, 1.0, low_open=True))
+        min_lr = self.lr / 10 if self.min_lr is None else self.min_lr
+        set_checked(self, "min_lr", check_float(owner, "min_lr", min_lr, 0.0, self.lr))
+        set_checked(self, "weight_decay", check_float(owner, "weight_decay", self.weight_decay, 0.0, 1.0))
+        for name in ("beta1", "beta2"):
+            set_checked(self, name, check_float(owner, name, getattr(self, name), 0.0, 1.0, high_open=True))
+        set_checked(self, "grad_clip", check_float(owner, "grad_clip", self.grad_clip, 0.0, math.inf,
+                                                   high_open=True))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -85,12 +90,17 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
 @torch.no_grad()
 def evaluate(model: Transformer, data: TextData, split: str, batch_size: int, n_batches: int,
              domain: str | None = None) -> float:
-    """Mean loss over ``n_batches`` fixed batches of ``split`` (optionally one domain), in eval mode."""
+    """Mean loss over ``n_batches`` fixed batches of ``split``, in eval mode.
+
+    Without ``domain`` the batches are balanced over the domains (see :meth:`TextData.batch`), so that train
+    and val estimates weigh the domains alike; with ``domain`` they come from that domain only.
+    """
     was_training = model.training
     model.eval()
-    block = model.config.block_size
-    losses = [model(*data.batch(split, batch_size, block, EVAL_SEED + i, domain))[1].item()
-              for i in range(n_batches)]
+    losses = []
+    for i in range(n_batches):
+        x, y = data.batch(split, batch_size, model.config.block_size, EVAL_SEED + i, domain, balanced=True)
+        losses.append(model(x.to(model.device), y.to(model.device))[1].item())
     model.train(was_training)
     return sum(losses) / len(losses)
 
@@ -103,7 +113,8 @@ def domain_losses(model: Transformer, data: TextData, batch_size: int = 16, n_ba
 
 @dataclass
 class History:
-    """What a run recorded: per-step training loss and learning rate, and periodic train/val evaluations."""
+    """What a run recorded: per-step training loss and learning rate, and periodic train/val evaluations
+    (``eval_train`` and ``eval_val``, on fixed batches, at the steps in ``eval_step``)."""
 
     step: list[int] = field(default_factory=list)
     loss: list[float] = field(default_factory=list)
@@ -146,31 +157,63 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint with ``weights_only=True`` (tensors and plain containers only, no pickled code)."""
+    """Read a checkpoint with ``weights_only=True``: tensors and plain containers only, never pickled code."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(f"{path} holds pickled Python objects besides tensors and plain containers; moelab "
+                         f"loads checkpoints with weights_only=True, which refuses to run such code") from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise ValueError(f"{path} is not a readable checkpoint (truncated, or not written by torch.save): "
+                         f"{str(err).splitlines()[0]}") from None
+
+
+CHECKPOINT_KEYS = ("model_config", "train_config", "step", "model", "optimizer", "history", "rng", "tokenizer")
+
+
+def load_training_state(path: str | Path) -> dict[str, Any]:
+    """:func:`load_checkpoint`, and check that it is a checkpoint written by :func:`train`."""
+    state = load_checkpoint(path)
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise ValueError(f"{path} is not a moelab training checkpoint: it lacks {', '.join(missing)}")
+    return state
 
 
 def restore(path: str | Path) -> tuple[Transformer, CharTokenizer, History]:
     """Rebuild the model, its tokenizer and its training history from a checkpoint written by :func:`train`."""
-    state = load_checkpoint(path)
+    state = load_training_state(path)
     model = Transformer(ModelConfig.from_dict(state["model_config"]))
     model.load_state_dict(state["model"])
     return model, CharTokenizer(state["tokenizer"]), History.from_dict(state["history"])
 
 
-def _resume(path: Path, model: Transformer, opt: torch.optim.Optimizer, cfg: TrainConfig) -> tuple[int, History]:
-    state = load_checkpoint(path)
-    for key, current in (("model_config", model.config.to_dict()), ("train_config", cfg.to_dict())):
-        for name, value in current.items():
+# TrainConfig fields that decide only when things are logged or saved: a resumed run may change them.
+LOGGING_FIELDS = ("eval_interval", "checkpoint_interval")
+
+
+def _resume(path: Path, model: Transformer, opt: torch.optim.Optimizer, cfg: TrainConfig,
+            data: TextData) -> tuple[int, History]:
+    state = load_training_state(path)
+    current = {"model_config": model.config.to_dict(),
+               "train_config": {k: v for k, v in cfg.to_dict().items() if k not in LOGGING_FIELDS}}
+    for key, fields in current.items():
+        for name, value in fields.items():
             if state[key].get(name) != value:
                 raise ConfigError(f"cannot resume from {path}: its {key} has {name} = {state[key].get(name)!r}, "
                                   f"this run has {value!r}; allowed: the same value, or a new checkpoint path")
+    if state["tokenizer"] != data.tokenizer.chars:
+        raise ConfigError(f"cannot resume from {path}: it was trained with a different tokenizer "
+                          f"({len(state['tokenizer'])} characters; this data has {data.tokenizer.vocab_size}); "
+                          f"allowed: the same data, or a new checkpoint path")
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"])
+    if state.get("cuda_rng") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
     return state["step"], History.from_dict(state["history"])
 
 
@@ -179,20 +222,29 @@ def train(model: Transformer, data: TextData, cfg: TrainConfig, checkpoint: str 
     """Train ``model`` on ``data`` for ``cfg.max_steps`` steps and return the :class:`History`.
 
     With ``checkpoint``, the state is saved there every ``cfg.checkpoint_interval`` steps (if > 0) and at the
-    end; with ``resume=True`` and an existing checkpoint, training continues from it exactly.
+    end. With ``resume=True``, training continues exactly from that checkpoint if the file exists, and starts
+    from step 0 if it does not (so a script can simply be restarted after a crash). Batches are moved to the
+    model's device, so the same loop trains on a GPU.
     Progress is a ``tqdm.auto`` bar (see :func:`moelab.notebook.progress_bar`).
     """
+    if data.tokenizer.vocab_size > model.config.vocab_size:
+        raise ConfigError(f"ModelConfig.vocab_size = {model.config.vocab_size} is smaller than the data's "
+                          f"vocabulary of {data.tokenizer.vocab_size} characters; allowed: "
+                          f"vocab_size >= data.tokenizer.vocab_size")
+    if resume and checkpoint is None:
+        raise ValueError("resume=True needs checkpoint=<path of the checkpoint to continue from>")
     opt = make_optimizer(model, cfg)
     block = model.config.block_size
     start, history = 0, History(tokens_per_step=cfg.batch_size * block)
-    if resume and checkpoint is not None and Path(checkpoint).exists():
-        start, history = _resume(Path(checkpoint), model, opt, cfg)
+    if resume and Path(checkpoint).exists():
+        start, history = _resume(Path(checkpoint), model, opt, cfg, data)
 
     def save(step: int) -> None:
         save_checkpoint(checkpoint, {
             "model_config": model.config.to_dict(), "train_config": cfg.to_dict(), "step": step,
             "model": model.state_dict(), "optimizer": opt.state_dict(), "history": history.to_dict(),
-            "rng": torch.get_rng_state(), "tokenizer": data.tokenizer.chars})
+            "rng": torch.get_rng_state(), "tokenizer": data.tokenizer.chars,
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []})
 
     def record_eval(step: int) -> None:
         history.eval_step.append(step)
@@ -209,7 +261,7 @@ def train(model: Transformer, data: TextData, cfg: TrainConfig, checkpoint: str 
         for group in opt.param_groups:
             group["lr"] = lr
         x, y = data.batch("train", cfg.batch_size, block, seed=cfg.seed * 10**6 + step)
-        _, loss = model(x, y)
+        _, loss = model(x.to(model.device), y.to(model.device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:

@@ -28,7 +28,7 @@ def ema(values: Sequence[float], alpha: float = 0.1) -> np.ndarray:
 
 
 def plot_history(history: History, ax: Axes | None = None, label: str = "", x: str = "step") -> Axes:
-    """Training loss per step (faint, and smoothed) and the periodic train/val evaluations.
+    """Training loss per step (faint, and smoothed) and the periodic validation loss (dots).
 
     ``x = "tokens"`` puts tokens seen on the horizontal axis instead of optimizer steps.
     """

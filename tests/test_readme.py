@@ -1,0 +1,32 @@
+"""The README opens with the two commands, maps every notebook, and quotes the measured budgets exactly."""
+import json
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+RESULTS = json.loads((ROOT / "benchmarks" / "results" / "notebooks.json").read_text(encoding="utf-8"))
+
+
+def test_readme_opens_with_exactly_the_two_commands():
+    first_block = re.search(r"```bash\n(.*?)```", README, flags=re.S)[1]
+    commands = [line.split("#")[0].strip() for line in first_block.splitlines() if line.strip()]
+    assert commands == ["make lab", "make test"]
+    assert README.index("```bash") < README.index("## ")  # before any section
+
+
+def test_course_map_lists_every_notebook_with_its_measured_run_time():
+    for path in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")):
+        row = next(line for line in README.splitlines() if f"notebooks/{path.name}" in line)
+        measured = next(r for r in RESULTS["rows"] if r["case"] == path.stem)
+        assert row.rstrip(" |").endswith(f"{measured['seconds']:.1f} s"), row
+
+
+def test_budget_table_quotes_benchmarks_results():
+    table = README[README.index("## Budgets"):README.index("## Other commands")]
+    for target in RESULTS["targets"]:
+        value = f"{target['value']:.1f} s"
+        assert value in table, f"README budgets lack the measured {value} ({target['name']})"
+    assert all(t["met"] for t in RESULTS["targets"]) == ("| no |" not in table)
+    assert "make test on a fresh clone" in " ".join(t["name"] for t in RESULTS["targets"]), \
+        "notebooks.json lacks the fresh-clone measurement: run python benchmarks/notebooks.py without --notebooks-only"
