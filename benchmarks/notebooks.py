@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import subprocess
 import sys
@@ -24,6 +23,8 @@ from pathlib import Path
 import nbformat
 import torch
 from nbclient import NotebookClient
+
+from moelab.bench import target, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_BUDGET_S = 120
@@ -73,26 +74,19 @@ def main() -> None:
     parser.add_argument("--notebooks-only", action="store_true", help="skip the fresh-clone `make test`")
     args = parser.parse_args()
     os.environ.update(NB_ENV)
+    torch.set_num_threads(int(NB_ENV["MOELAB_THREADS"]))
     rows = [time_notebook(p) for p in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))]
-    targets = [{"name": f"{r['case']} executes in <= {NOTEBOOK_BUDGET_S} s", "value": r["seconds"], "op": "<=",
-                "target": NOTEBOOK_BUDGET_S, "met": r["seconds"] <= NOTEBOOK_BUDGET_S} for r in rows]
+    targets = [target(f"{r['case']} executes in <= {NOTEBOOK_BUDGET_S} s", r["seconds"], "<=", NOTEBOOK_BUDGET_S)
+               for r in rows]
     if not args.notebooks_only:
         rows.append(time_fresh_clone())
-        targets.append({"name": f"make test on a fresh clone, install included, <= {FRESH_CLONE_BUDGET_S} s",
-                        "value": rows[-1]["seconds"], "op": "<=", "target": FRESH_CLONE_BUDGET_S,
-                        "met": rows[-1]["seconds"] <= FRESH_CLONE_BUDGET_S})
-    result = {"benchmark": "notebooks", "torch": torch.__version__, "threads": int(NB_ENV["MOELAB_THREADS"]),
-              "cpu_count": os.cpu_count(), "created": datetime.date.today().isoformat(), "rows": rows,
-              "targets": targets}
-    out = ROOT / "benchmarks" / "results" / "notebooks.json"
-    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        targets.append(target(f"make test on a fresh clone, install included, <= {FRESH_CLONE_BUDGET_S} s",
+                              rows[-1]["seconds"], "<=", FRESH_CLONE_BUDGET_S))
     print(f"{'case':42s} {'seconds':>8s}  details")
     for row in rows:
         details = {k: v for k, v in row.items() if k not in ("case", "seconds")}
         print(f"{row['case']:42s} {row['seconds']:8.1f}  {details}")
-    for t in targets:
-        print(f"{'met ' if t['met'] else 'MISSED'} {t['name']}: {t['value']}")
-    print(f"wrote {out.relative_to(ROOT)}")
+    write_result("notebooks", rows, targets, cpu_count=os.cpu_count())
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moelab.config import ModelConfig
-from moelab.model import (CausalSelfAttention, RMSNorm, SwiGLU, Transformer, apply_rope, complete,
-                          rope_cache)
+from moelab.ffn import SwiGLU
+from moelab.model import CausalSelfAttention, RMSNorm, Transformer, apply_rope, complete, rope_cache
 
 
 def tiny(**kw) -> ModelConfig:

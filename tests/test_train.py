@@ -16,10 +16,14 @@ def data():
     return build({"abc": "the cat sat on the mat.\n" * 60, "num": "12+30=42\n" * 120})
 
 
-def model_for(data, seed=0, dropout=0.1):
+MOE = dict(n_routed_experts=4, top_k=2, d_expert=16, n_shared_experts=1, router="sigmoid", bias_update_speed=0.01,
+           aux_loss_coef=0.01)
+
+
+def model_for(data, seed=0, dropout=0.1, **moe):
     torch.manual_seed(seed)
     return Transformer(ModelConfig(vocab_size=data.tokenizer.vocab_size, block_size=16, n_layer=2, n_head=2,
-                                   d_model=32, dropout=dropout))
+                                   d_model=32, dropout=dropout, **moe))
 
 
 CFG = TrainConfig(max_steps=12, batch_size=4, warmup_steps=3, eval_interval=4, eval_batches=2,
@@ -47,7 +51,7 @@ class Interrupt(Exception):
     pass
 
 
-def train_until_crash(data, cfg, ckpt, crash_step, monkeypatch):
+def train_until_crash(data, cfg, ckpt, crash_step, monkeypatch, **moe):
     """Train with checkpoints, raising at the batch of ``crash_step`` as a killed process would stop."""
     original_batch = type(data).batch
 
@@ -58,23 +62,25 @@ def train_until_crash(data, cfg, ckpt, crash_step, monkeypatch):
 
     monkeypatch.setattr(type(data), "batch", batch)
     with pytest.raises(Interrupt):
-        train(model_for(data), data, cfg, checkpoint=ckpt, progress=False)
+        train(model_for(data, **moe), data, cfg, checkpoint=ckpt, progress=False)
     monkeypatch.undo()
 
 
-def test_resume_continues_exactly_as_an_uninterrupted_run(data, tmp_path, monkeypatch):
-    full = model_for(data)
+@pytest.mark.parametrize("moe", [{}, MOE], ids=["dense", "moe"])
+def test_resume_continues_exactly_as_an_uninterrupted_run(data, tmp_path, monkeypatch, moe):
+    full = model_for(data, **moe)
     expected = train(full, data, CFG, progress=False)
 
     ckpt = tmp_path / "run.pt"
-    train_until_crash(data, CFG, ckpt, crash_step=8, monkeypatch=monkeypatch)
+    train_until_crash(data, CFG, ckpt, crash_step=8, monkeypatch=monkeypatch, **moe)
     assert load_checkpoint(ckpt)["step"] == 5
 
     torch.manual_seed(123)  # a different RNG state: the checkpoint must restore the one dropout needs
-    resumed_model = model_for(data, seed=99)
+    resumed_model = model_for(data, seed=99, **moe)
     resumed = train(resumed_model, data, CFG, checkpoint=ckpt, resume=True, progress=False)
     assert resumed.loss == expected.loss  # bit for bit
     assert resumed.eval_step == expected.eval_step and resumed.eval_val == expected.eval_val
+    assert resumed.expert_counts == expected.expert_counts and resumed.aux_loss == expected.aux_loss
     for (name, p), q in zip(full.state_dict().items(), resumed_model.state_dict().values()):
         assert torch.equal(p, q), name
 

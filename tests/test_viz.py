@@ -8,7 +8,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from moelab.train import History  # noqa: E402
-from moelab.viz import ema, plot_attention, plot_history  # noqa: E402
+from moelab.viz import ema, plot_attention, plot_expert_load, plot_history, plot_load_heatmap  # noqa: E402
 
 
 def test_ema_starts_at_the_first_value_and_smooths():
@@ -36,3 +36,14 @@ def test_plot_attention_shows_the_matrix_with_labels():
 def test_plot_history_rejects_an_unknown_axis():
     with pytest.raises(ValueError, match="x = 'flops' is not allowed; allowed: 'step', 'tokens'"):
         plot_history(History(), x="flops")
+
+
+def test_plot_expert_load_draws_requested_kept_and_capacity():
+    ax = plot_expert_load(torch.tensor([5, 1, 0]), torch.tensor([3, 1, 0]), capacity=3)
+    heights = [bar.get_height() for bar in ax.patches]
+    assert heights == [5, 1, 0, 3, 1, 0] and ax.lines[0].get_ydata()[0] == 3
+
+
+def test_plot_load_heatmap_shows_shares_of_a_fair_load():
+    ax = plot_load_heatmap(np.array([[2, 2, 4], [0, 4, 4]]))
+    np.testing.assert_allclose(ax.images[0].get_array(), np.array([[0.75, 0.0], [0.75, 1.5], [1.5, 1.5]]))

@@ -72,12 +72,24 @@ def swiglu_hidden(d_model: int, multiple_of: int = 32) -> int:
     return multiple_of * math.ceil(hidden / multiple_of)
 
 
+ROUTERS = ("softmax", "sigmoid")                      # moelab.router.SoftmaxRouter, SigmoidRouter
+DISPATCHES = ("loop", "sorted", "grouped", "capacity")  # moelab.dispatch
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """A decoder-only language model. Frozen: derive variants with ``dataclasses.replace`` (which re-validates).
 
     ``n_kv_head = None`` means ``n_head`` (plain multi-head attention); a divisor of ``n_head`` gives GQA.
     ``d_ff = None`` means :func:`swiglu_hidden` of ``d_model``.
+
+    With ``n_routed_experts > 0`` every layer from ``first_k_dense`` on is a mixture of experts
+    (:class:`moelab.moe.MoE`): ``top_k`` of ``n_routed_experts`` SwiGLU experts of width ``d_expert`` (default
+    ``d_ff``) plus ``n_shared_experts`` always-on ones; ``router`` ``"softmax"`` (Mixtral, Qwen3) or
+    ``"sigmoid"`` (DeepSeek-V3) with ``norm_topk_prob``, ``routed_scaling_factor`` and group limiting to the best
+    ``topk_group`` of ``n_group`` groups; ``dispatch`` one of :data:`DISPATCHES`, ``capacity_factor`` for
+    ``"capacity"``. Balancing: ``aux_loss_coef`` (Switch), ``z_loss_coef`` (ST-MoE), ``seq_aux_coef``
+    (DeepSeek-V3 sequence-wise), ``bias_update_speed`` (DeepSeek-V3 aux-loss-free γ).
     """
 
     vocab_size: int
@@ -92,6 +104,23 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     init_std: float = 0.02
+    # Mixture of experts (notebooks 02-03); n_routed_experts = 0 keeps every FFN dense.
+    n_routed_experts: int = 0
+    n_shared_experts: int = 0
+    top_k: int = 2
+    d_expert: int | None = None
+    first_k_dense: int = 0
+    router: str = "softmax"
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
+    n_group: int = 1
+    topk_group: int = 1
+    dispatch: str = "grouped"
+    capacity_factor: float = 1.25
+    aux_loss_coef: float = 0.0
+    z_loss_coef: float = 0.0
+    seq_aux_coef: float = 0.0
+    bias_update_speed: float = 0.0
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
@@ -117,6 +146,37 @@ class ModelConfig:
         check(isinstance(self.tie_embeddings, bool), owner, "tie_embeddings", self.tie_embeddings,
               "allowed: True or False")
         set_checked(self, "init_std", check_float(owner, "init_std", self.init_std, 0.0, 1.0))
+        self._check_moe(owner)
+
+    def _check_moe(self, owner: str) -> None:
+        for name, minimum in (("n_routed_experts", 0), ("n_shared_experts", 0), ("top_k", 1), ("first_k_dense", 0),
+                              ("n_group", 1), ("topk_group", 1)):
+            set_checked(self, name, check_int(owner, name, getattr(self, name), minimum))
+        set_checked(self, "d_expert", check_int(owner, "d_expert", self.d_ff if self.d_expert is None
+                                                else self.d_expert))
+        check(self.first_k_dense <= self.n_layer, owner, "first_k_dense", self.first_k_dense,
+              f"allowed: 0..n_layer = {self.n_layer}")
+        check(self.router in ROUTERS, owner, "router", self.router, f"allowed: {', '.join(map(repr, ROUTERS))}")
+        check(self.dispatch in DISPATCHES, owner, "dispatch", self.dispatch,
+              f"allowed: {', '.join(map(repr, DISPATCHES))}")
+        check(isinstance(self.norm_topk_prob, bool), owner, "norm_topk_prob", self.norm_topk_prob,
+              "allowed: True or False")
+        for name in ("routed_scaling_factor", "capacity_factor"):
+            set_checked(self, name, check_float(owner, name, getattr(self, name), 0.0, math.inf,
+                                                low_open=True, high_open=True))
+        for name in ("aux_loss_coef", "z_loss_coef", "seq_aux_coef", "bias_update_speed"):
+            set_checked(self, name, check_float(owner, name, getattr(self, name), 0.0, math.inf, high_open=True))
+        E = self.n_routed_experts
+        if E == 0:
+            return
+        check(self.top_k <= E, owner, "top_k", self.top_k, f"allowed: 1..n_routed_experts = {E}")
+        check(E % self.n_group == 0, owner, "n_group", self.n_group,
+              f"it must divide n_routed_experts = {E} into equal groups; allowed: {', '.join(map(str, divisors(E)))}")
+        check(self.topk_group <= self.n_group, owner, "topk_group", self.topk_group,
+              f"allowed: 1..n_group = {self.n_group}")
+        reachable = self.topk_group * (E // self.n_group)
+        check(self.top_k <= reachable, owner, "top_k", self.top_k,
+              f"only topk_group · n_routed_experts / n_group = {reachable} experts are reachable; allowed: 1..{reachable}")
 
     @property
     def head_dim(self) -> int:

@@ -5,8 +5,8 @@ embeddings, causal multi-head attention with an optional grouped-query layout, a
 network. Attention and block names follow Llama's and DeepSeek-V3's reference ``model.py`` (``wq``, ``wo``,
 ``attn_norm``, ``ffn_norm``, ``tok_embeddings``, ``output``); the SwiGLU matrices are named for what they do,
 ``w_gate`` / ``w_up`` / ``w_down`` (``w1`` / ``w3`` / ``w2`` there, ``gate_proj`` / ``up_proj`` / ``down_proj``
-in Hugging Face). The FFN slot is pluggable: ``Transformer(config, make_ffn=...)`` puts any module there,
-which is how later chapters insert MoE layers.
+in Hugging Face). The FFN slot is pluggable: ``Transformer(config, make_ffn=...)`` puts any module there;
+by default the config decides between a dense SwiGLU and a mixture of experts (:mod:`moelab.moe`).
 Built in notebooks/01_dense_baseline.ipynb.
 """
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
+from .moe import MoE, ffn_for_layer
 
 
 class RMSNorm(nn.Module):
@@ -90,28 +91,6 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.wo(y))
 
 
-class SwiGLU(nn.Module):
-    """``w_down(silu(w_gate(x)) * w_up(x))`` (Shazeer 2020, "GLU Variants Improve Transformer").
-
-    The dense FFN of Llama, Qwen3 and DeepSeek-V3, and the shape of every expert in later chapters.
-    """
-
-    def __init__(self, d_model: int, d_ff: int, dropout: float = 0.0):
-        super().__init__()
-        self.w_gate = nn.Linear(d_model, d_ff, bias=False)
-        self.w_up = nn.Linear(d_model, d_ff, bias=False)
-        self.w_down = nn.Linear(d_ff, d_model, bias=False)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.w_down(F.silu(self.w_gate(x)) * self.w_up(x)))
-
-
-def dense_ffn(config: ModelConfig, layer: int) -> nn.Module:
-    """The default FFN for every layer: a SwiGLU of width ``config.d_ff``."""
-    return SwiGLU(config.d_model, config.d_ff, config.dropout)
-
-
 class Block(nn.Module):
     """One pre-norm transformer block: ``x + attn(attn_norm(x))`` then ``x + ffn(ffn_norm(x))``."""
 
@@ -134,10 +113,12 @@ RESIDUAL_OUTPUTS = ("wo", "w_down")
 class Transformer(nn.Module):
     """Token embedding → ``n_layer`` blocks → RMSNorm → output head; ``forward`` returns ``(logits, loss)``.
 
-    ``make_ffn(config, layer_index)`` builds the module in each block's FFN slot (default: :func:`dense_ffn`).
+    ``make_ffn(config, layer_index)`` builds the module in each block's FFN slot. The default,
+    :func:`moelab.moe.ffn_for_layer`, follows the config: a dense SwiGLU, or an MoE layer when the config has
+    routed experts.
     """
 
-    def __init__(self, config: ModelConfig, make_ffn: Callable[[ModelConfig, int], nn.Module] = dense_ffn):
+    def __init__(self, config: ModelConfig, make_ffn: Callable[[ModelConfig, int], nn.Module] = ffn_for_layer):
         super().__init__()
         self.config = config
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.d_model)
@@ -156,6 +137,20 @@ class Transformer(nn.Module):
     def device(self) -> torch.device:
         return self.output.weight.device
 
+    @property
+    def moe_layers(self) -> list[MoE]:
+        return [layer.ffn for layer in self.layers if isinstance(layer.ffn, MoE)]
+
+    @property
+    def aux_loss(self) -> torch.Tensor:
+        """The MoE layers' weighted balancing losses from the last forward pass (zero for a dense model)."""
+        return sum((moe.aux_loss for moe in self.moe_layers), torch.zeros((), device=self.device))
+
+    def after_step(self) -> None:
+        """Call after each optimizer step: MoE layers apply their aux-loss-free bias updates."""
+        for moe in self.moe_layers:
+            moe.after_step()
+
     def reset_parameters(self) -> None:
         """Normal(0, init_std) for every matrix, divided by sqrt(2·n_layer) for residual outputs (GPT-2 §2.3)."""
         for name, p in self.named_parameters():
@@ -166,7 +161,11 @@ class Transformer(nn.Module):
             nn.init.normal_(p, mean=0.0, std=std)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        """``idx``: ``(B, T)`` token ids. Returns logits ``(B, T, vocab)`` and the mean cross-entropy (or None)."""
+        """``idx``: ``(B, T)`` token ids. Returns logits ``(B, T, vocab)`` and the mean cross-entropy (or None).
+
+        The loss is the language-modelling loss only; MoE balancing losses are in :attr:`aux_loss`, which the
+        training loop adds before ``backward``.
+        """
         self._check_ids(idx)
         T = idx.shape[1]
         if T > self.config.block_size:
@@ -232,3 +231,12 @@ def complete(model: Transformer, tokenizer, prompt: str, max_new_tokens: int = 8
     generator = torch.Generator(model.device).manual_seed(seed)
     out = model.generate(idx, max_new_tokens, temperature, top_k, generator)
     return tokenizer.decode(out[0, idx.shape[1]:].cpu())
+
+
+def parameter_counts(model: Transformer) -> dict[str, int]:
+    """``total`` parameters, and the ``active`` ones each token uses: all but the ``E − k`` routed experts it
+    skips in every MoE layer. Embedding and output head count as active (the convention of notebook 00)."""
+    total = sum(p.numel() for p in model.parameters())
+    skipped = sum((moe.experts.n_experts - moe.config.top_k) * sum(p[0].numel() for p in moe.experts.parameters())
+                  for moe in model.moe_layers)
+    return {"total": total, "active": total - skipped}

@@ -114,7 +114,12 @@ def domain_losses(model: Transformer, data: TextData, batch_size: int = 16, n_ba
 @dataclass
 class History:
     """What a run recorded: per-step training loss and learning rate, and periodic train/val evaluations
-    (``eval_train`` and ``eval_val``, on fixed batches, at the steps in ``eval_step``)."""
+    (``eval_train`` and ``eval_val``, on fixed batches, at the steps in ``eval_step``).
+
+    For a model with MoE layers, also per step: the balancing loss added to the training loss (``aux_loss``),
+    the tokens each expert of each MoE layer received (``expert_counts[step][layer][expert]``) and the
+    fraction of assignments dropped by capacity dispatch, averaged over layers (``dropped``).
+    """
 
     step: list[int] = field(default_factory=list)
     loss: list[float] = field(default_factory=list)
@@ -122,6 +127,9 @@ class History:
     eval_step: list[int] = field(default_factory=list)
     eval_train: list[float] = field(default_factory=list)
     eval_val: list[float] = field(default_factory=list)
+    aux_loss: list[float] = field(default_factory=list)
+    expert_counts: list[list[list[int]]] = field(default_factory=list)
+    dropped: list[float] = field(default_factory=list)
     tokens_per_step: int = 0
     seconds: float = 0.0
 
@@ -262,15 +270,21 @@ def train(model: Transformer, data: TextData, cfg: TrainConfig, checkpoint: str 
             group["lr"] = lr
         x, y = data.batch("train", cfg.batch_size, block, seed=cfg.seed * 10**6 + step)
         _, loss = model(x.to(model.device), y.to(model.device))
+        aux = model.aux_loss
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss + aux).backward()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
+        model.after_step()
         history.seconds += time.perf_counter() - t0
         history.step.append(step)
         history.loss.append(loss.item())
         history.lr.append(lr)
+        if model.moe_layers:
+            history.aux_loss.append(aux.item())
+            history.expert_counts.append([moe.counts.tolist() for moe in model.moe_layers])
+            history.dropped.append(sum(moe.dropped for moe in model.moe_layers) / len(model.moe_layers))
         bar.update(1)
         bar.set_postfix(loss=f"{history.loss[-1]:.3f}", val=f"{history.eval_val[-1]:.3f}")
         if checkpoint is not None and cfg.checkpoint_interval and (step + 1) % cfg.checkpoint_interval == 0:

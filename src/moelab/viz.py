@@ -1,4 +1,4 @@
-"""Plotting helpers the notebooks share: loss curves and attention maps.
+"""Plotting helpers the notebooks share: loss curves, attention maps, expert loads.
 
 Each helper draws on a given ``matplotlib`` Axes (or a new one) and returns it, so notebooks can combine
 them. Built in notebooks/01_dense_baseline.ipynb.
@@ -63,3 +63,29 @@ def plot_attention(probs: torch.Tensor, labels: Sequence[str] | None = None, ax:
     ax.set_title(title)
     return ax
 
+
+
+def plot_expert_load(requested: torch.Tensor, kept: torch.Tensor | None = None, capacity: int | None = None,
+                     ax: Axes | None = None, title: str = "") -> Axes:
+    """Assignments per expert: what each expert was asked for, what it kept (capacity dispatch), its capacity."""
+    ax = _axes(ax, (6.0, 3.0))
+    experts = np.arange(len(requested))
+    ax.bar(experts, requested.numpy(), color="tab:red", label="requested (red part: dropped)")
+    if kept is not None:
+        ax.bar(experts, kept.numpy(), color="tab:blue", label="kept")
+    if capacity is not None:
+        ax.axhline(capacity, color="black", ls="--", lw=1, label=f"capacity = {capacity}")
+    ax.set(xlabel="expert", ylabel="assignments", title=title)
+    ax.legend(fontsize=8)
+    return ax
+
+
+def plot_load_heatmap(counts: np.ndarray, ax: Axes | None = None, title: str = "") -> Axes:
+    """Each expert's share of the assignments over training, relative to a fair share: ``counts`` is
+    ``(steps, E)``; 1 (white) is a perfectly balanced expert, red is overloaded, blue idle."""
+    ax = _axes(ax, (6.0, 2.5))
+    share = counts / counts.mean(axis=1, keepdims=True)
+    image = ax.imshow(share.T, aspect="auto", cmap="RdBu_r", vmin=0.0, vmax=2.0, interpolation="nearest")
+    ax.set(xlabel="training step", ylabel="expert", title=title)
+    ax.figure.colorbar(image, ax=ax, label="load / fair share")
+    return ax

@@ -1,0 +1,135 @@
+"""Dispatch: run each token through its chosen experts and combine the weighted outputs.
+
+One interface, several implementations with the same outputs and gradients. Each takes the token rows ``x``
+``(T, d_model)``, the :class:`~moelab.router.Routing`, and the :class:`~moelab.ffn.Experts`, and returns
+``(y, kept)``: the combined output ``(T, d_model)`` and a ``(T, k)`` mask of the assignments that were computed.
+
+- :func:`loop_dispatch` — the readable reference: one expert at a time (DeepSeek-V3 ``inference/model.py``,
+  Hugging Face's eager experts);
+- :func:`sorted_dispatch` — sort the ``T·k`` assignments by expert so each expert's rows are contiguous, run
+  each segment, un-permute (the original DeepSeek ``moe_infer``);
+- :func:`grouped_dispatch` — the same sort, then *one* ``torch._grouped_mm`` per weight matrix for all experts
+  (torchtitan, Hugging Face ``grouped_mm``); falls back to the sorted loop where torch lacks the kernel;
+- :func:`capacity_dispatch` — GShard/Switch: each expert takes at most ``ceil(capacity_factor·T·k/E)``
+  assignments, first choices before second ones; the rest are dropped (the token keeps only its residual).
+
+Built in notebooks/02_moe_layer.ipynb.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from .ffn import Experts
+from .router import Routing
+
+
+@functools.cache
+def grouped_mm_available() -> bool:
+    """Whether this torch has ``torch._grouped_mm`` with a CPU kernel (torch >= 2.9; CUDA-only before)."""
+    try:
+        out = torch._grouped_mm(torch.ones(2, 8), torch.ones(1, 8, 8), offs=torch.tensor([2], dtype=torch.int32))
+        return bool(out.shape == (2, 8))
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+
+
+def assignments(routing: Routing) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ``T·k`` (token, expert, weight) assignments, token-major: token 0's k choices first."""
+    T, k = routing.indices.shape
+    token = torch.arange(T, device=routing.indices.device).repeat_interleave(k)
+    return token, routing.indices.flatten(), routing.weights.flatten()
+
+
+def permute(token: torch.Tensor, expert: torch.Tensor, n_experts: int):
+    """Order the assignments by expert (stable: ties keep token order). Returns the permutation, and the
+    end offset of each expert's segment (``int32``, as ``_grouped_mm`` wants)."""
+    order = expert.argsort(stable=True)
+    offsets = torch.bincount(expert, minlength=n_experts).cumsum(0).to(torch.int32)
+    return order, offsets
+
+
+def combine(x: torch.Tensor, token: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Un-permute: add each assignment's (already weighted) output into its token's row."""
+    return torch.zeros_like(x).index_add_(0, token, out.to(x.dtype))
+
+
+def loop_dispatch(x: torch.Tensor, routing: Routing, experts: Experts) -> tuple[torch.Tensor, torch.Tensor]:
+    y = torch.zeros_like(x)
+    for e in range(experts.n_experts):
+        token, slot = torch.where(routing.indices == e)                           # who chose e, as which choice
+        if token.numel():
+            y.index_add_(0, token, experts.expert(e, x[token]) * routing.weights[token, slot, None])
+    return y, torch.ones_like(routing.indices, dtype=torch.bool)
+
+
+def _sorted(x: torch.Tensor, token: torch.Tensor, expert: torch.Tensor, weight: torch.Tensor,
+            experts: Experts) -> torch.Tensor:
+    order, offsets = permute(token, expert, experts.n_experts)
+    token, weight = token[order], weight[order]
+    rows = x.index_select(0, token)                                                # (N, d), grouped by expert
+    sizes = torch.diff(offsets, prepend=offsets.new_zeros(1)).tolist()
+    out = torch.cat([experts.expert(e, segment) for e, segment in enumerate(rows.split(sizes))])
+    return combine(x, token, out * weight[:, None])
+
+
+def _grouped(x: torch.Tensor, token: torch.Tensor, expert: torch.Tensor, weight: torch.Tensor,
+             experts: Experts) -> torch.Tensor:
+    if not grouped_mm_available():
+        return _sorted(x, token, expert, weight, experts)
+    order, offsets = permute(token, expert, experts.n_experts)
+    token, weight = token[order], weight[order]
+    return combine(x, token, experts.grouped(x.index_select(0, token), offsets, weight))
+
+
+def sorted_dispatch(x: torch.Tensor, routing: Routing, experts: Experts) -> tuple[torch.Tensor, torch.Tensor]:
+    return _sorted(x, *assignments(routing), experts), torch.ones_like(routing.indices, dtype=torch.bool)
+
+
+def grouped_dispatch(x: torch.Tensor, routing: Routing, experts: Experts) -> tuple[torch.Tensor, torch.Tensor]:
+    return _grouped(x, *assignments(routing), experts), torch.ones_like(routing.indices, dtype=torch.bool)
+
+
+def expert_capacity(n_tokens: int, top_k: int, n_experts: int, capacity_factor: float) -> int:
+    """``ceil(capacity_factor · tokens · k / E)``: how many assignments one expert accepts (GShard, Switch)."""
+    return math.ceil(capacity_factor * n_tokens * top_k / n_experts)
+
+
+def capacity_mask(indices: torch.Tensor, n_experts: int, capacity: int) -> torch.Tensor:
+    """``(T, k)`` mask of the assignments each expert accepts, filling its capacity with all first choices (in
+    token order), then all second choices, and so on (Switch/GShard priority: top-1 before top-2)."""
+    T, k = indices.shape
+    by_priority = indices.t().flatten()                                           # choice-major: (k·T,)
+    order = by_priority.argsort(stable=True)
+    counts = torch.bincount(by_priority, minlength=n_experts)
+    starts = counts.cumsum(0) - counts                                            # first slot of each expert
+    position = torch.empty_like(order)                                            # place in its expert's queue
+    position[order] = torch.arange(order.numel(), device=order.device) - starts[by_priority[order]]
+    return (position < capacity).view(k, T).t()
+
+
+def capacity_dispatch(x: torch.Tensor, routing: Routing, experts: Experts,
+                      capacity_factor: float = 1.25) -> tuple[torch.Tensor, torch.Tensor]:
+    T, k = routing.indices.shape
+    kept = capacity_mask(routing.indices, experts.n_experts,
+                         expert_capacity(T, k, experts.n_experts, capacity_factor))
+    token, expert, weight = assignments(routing)
+    keep = kept.flatten()
+    return _grouped(x, token[keep], expert[keep], weight[keep], experts), kept
+
+
+def capacity_report(indices: torch.Tensor, n_experts: int, capacity_factor: float) -> dict:
+    """What capacity dispatch would do with these choices: per-expert ``requested`` and ``kept`` assignments,
+    the ``capacity``, and the ``dropped`` fraction of all assignments."""
+    T, k = indices.shape
+    capacity = expert_capacity(T, k, n_experts, capacity_factor)
+    kept = capacity_mask(indices, n_experts, capacity)
+    return {"requested": torch.bincount(indices.flatten(), minlength=n_experts),
+            "kept": torch.bincount(indices[kept], minlength=n_experts), "capacity": capacity,
+            "dropped": 1.0 - kept.float().mean().item()}
+
+
+DISPATCH = {"loop": loop_dispatch, "sorted": sorted_dispatch, "grouped": grouped_dispatch,
+            "capacity": capacity_dispatch}

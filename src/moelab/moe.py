@@ -1,0 +1,87 @@
+"""The MoE layer: a router, routed experts, optional shared experts, and the balancing that keeps them in use.
+
+``y = Σ_{i ∈ TopK(x)} g_i(x) · E_i(x) + Σ_j S_j(x)``: every token passes through the shared experts (a dense
+SwiGLU of width ``n_shared_experts · d_expert``, DeepSeekMoE: Dai et al. 2024) and through its ``top_k`` routed
+experts, weighted by the router's gates. It fills the FFN slot of :class:`moelab.model.Block`:
+:func:`ffn_for_layer` puts one in every layer from ``first_k_dense`` on. Built in notebooks/02_moe_layer.ipynb.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .balance import router_z_loss, sequence_aux_loss, switch_aux_loss, tokens_per_expert, update_bias
+from .config import ModelConfig
+from .dispatch import DISPATCH, capacity_dispatch
+from .ffn import Experts, SwiGLU
+from .router import SigmoidRouter, SoftmaxRouter
+
+ROUTERS = {"softmax": SoftmaxRouter, "sigmoid": SigmoidRouter}
+
+
+class MoE(nn.Module):
+    """A mixture-of-experts FFN configured by the MoE fields of :class:`~moelab.config.ModelConfig`.
+
+    After each forward pass: ``aux_loss`` holds the weighted balancing losses (to add to the training loss),
+    ``counts`` the tokens each expert received ``(E,)`` and ``dropped`` the fraction of assignments dropped by
+    capacity dispatch. In training, counts accumulate until :meth:`after_step` applies the aux-loss-free bias
+    update (if ``bias_update_speed > 0``).
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c = config
+        self.config = c
+        self.router = ROUTERS[c.router](c.d_model, c.n_routed_experts, c.top_k, c.norm_topk_prob,
+                                        c.routed_scaling_factor, c.n_group, c.topk_group)
+        self.experts = Experts(c.n_routed_experts, c.d_model, c.d_expert)
+        self.shared = SwiGLU(c.d_model, c.n_shared_experts * c.d_expert) if c.n_shared_experts else None
+        self.register_buffer("step_counts", torch.zeros(c.n_routed_experts), persistent=False)
+        self.aux_loss = torch.zeros(())
+        self.counts = torch.zeros(c.n_routed_experts, dtype=torch.long)
+        self.dropped = 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        rows = x.reshape(-1, x.shape[-1])                                          # (B·T, d_model)
+        routing = self.router(rows)
+        if c.dispatch == "capacity":
+            y, kept = capacity_dispatch(rows, routing, self.experts, c.capacity_factor)
+        else:
+            y, kept = DISPATCH[c.dispatch](rows, routing, self.experts)
+        self.counts = tokens_per_expert(routing.indices, c.n_routed_experts)
+        self.dropped = 1.0 - kept.float().mean().item()
+        self.aux_loss = self.balance_loss(routing, x.shape[:-1])
+        if self.training and c.bias_update_speed > 0:
+            self.step_counts += self.counts
+        if self.shared is not None:
+            y = y + self.shared(rows)
+        return y.view_as(x)
+
+    def balance_loss(self, routing, batch_shape: torch.Size) -> torch.Tensor:
+        """``aux_loss_coef · Switch + z_loss_coef · z-loss + seq_aux_coef · sequence-wise`` (zero if all are 0)."""
+        c, loss = self.config, torch.zeros((), device=routing.logits.device)
+        if c.aux_loss_coef:
+            loss = loss + c.aux_loss_coef * switch_aux_loss(routing.probs, routing.indices)
+        if c.z_loss_coef:
+            loss = loss + c.z_loss_coef * router_z_loss(routing.logits)
+        if c.seq_aux_coef:
+            B = batch_shape[0] if len(batch_shape) > 1 else 1
+            loss = loss + c.seq_aux_coef * sequence_aux_loss(routing.probs.view(B, -1, c.n_routed_experts),
+                                                             routing.indices.view(B, -1, c.top_k))
+        return loss
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """Apply DeepSeek-V3's bias update for the loads counted since the last optimizer step, then reset them."""
+        if self.config.bias_update_speed > 0:
+            update_bias(self.router.bias, self.step_counts, self.config.bias_update_speed)
+        self.step_counts.zero_()
+
+
+def ffn_for_layer(config: ModelConfig, layer: int) -> nn.Module:
+    """The FFN of block ``layer``: a dense SwiGLU of width ``d_ff`` for a dense model and for the first
+    ``first_k_dense`` layers (DeepSeek-V3 keeps 3, Kimi K2 1), an :class:`MoE` everywhere else."""
+    if config.n_routed_experts and layer >= config.first_k_dense:
+        return MoE(config)
+    return SwiGLU(config.d_model, config.d_ff, config.dropout)
