@@ -2,7 +2,7 @@
 #   make lab      install, then open JupyterLab on notebooks/ (127.0.0.1, token kept; LAB_PORT=8888)
 #   make test     install, then the unit tests and strict nbval over every notebook
 #   make execute  re-run every notebook in place exactly as the tests run it (refreshes the stored outputs)
-#   make bench    run every script in benchmarks/ (results in benchmarks/results/*.json)
+#   make bench    run every script in benchmarks/ (results in benchmarks/results/*.json), then update README
 #   make lock     re-resolve the pins of pyproject.toml in a scratch venv and rewrite constraints.txt
 
 PYTHON ?= python3
@@ -37,7 +37,9 @@ execute: $(STAMP)
 	  --ExecutePreprocessor.timeout=600 --ExecutePreprocessor.record_timing=False notebooks/*.ipynb
 
 bench: $(STAMP)
-	@for script in benchmarks/*.py; do echo "== $$script"; $(NB_ENV) $(BIN)/python $$script || exit 1; done
+	@for script in $(filter-out benchmarks/report.py,$(wildcard benchmarks/*.py)); do \
+	  echo "== $$script"; $(NB_ENV) $(BIN)/python $$script || exit 1; done
+	$(BIN)/python benchmarks/report.py
 
 lock:
 	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock

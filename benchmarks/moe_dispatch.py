@@ -7,8 +7,8 @@ d_expert 512) and *fine-grained* (E = 64, k = 8, d_expert 128). Both activate 10
 the dense baseline is a SwiGLU of width 1024. Each path runs moelab's MoE layer (softmax router, no shared
 expert); all timings of one shape are interleaved round by round and the median is kept, so that a busy
 machine slows every path alike. The fastest dropless path (loop, sorted, grouped: same outputs) is compared
-with dense; capacity dispatch (capacity factor 1.25) does less work when it drops tokens and is reported beside
-it. Where the time goes: each stage of the grouped path (routing, sort, gather/scatter, the experts' grouped
+with dense; capacity dispatch (capacity factor 1.25) is reported beside it (it would do less work if it
+dropped tokens; with a freshly initialised, nearly uniform router it drops none). Where the time goes: each stage of the grouped path (routing, sort, gather/scatter, the experts' grouped
 matmuls) is also timed alone, with moelab's own functions, forward + backward. The allocator keeps freed memory (moelab.bench.steady_allocator) for every path alike. Writes
 benchmarks/results/moe_dispatch.json and prints a table.
 """

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from moelab.dispatch import (DISPATCH, capacity_dispatch, capacity_mask, capacity_report, expert_capacity,
-                             grouped_mm_available, loop_dispatch)
+from moelab.dispatch import (DROPLESS, capacity_dispatch, capacity_mask, capacity_report, expert_capacity,
+                             grouped_mm_available, grouped_mm_supported, loop_dispatch)
 from moelab.ffn import Experts
 from moelab.router import Routing, SigmoidRouter, SoftmaxRouter, skewed_routing
 
@@ -22,7 +22,7 @@ def run(impl, x, router, experts, grad):
     if impl == "capacity":
         y, kept = capacity_dispatch(x, routing, experts, capacity_factor=1e6)  # so large that nothing drops
     else:
-        y, kept = DISPATCH[impl](x, routing, experts)
+        y, kept = DROPLESS[impl](x, routing, experts)
     y.backward(grad)
     assert bool(kept.all())
     return [y.detach()] + [p.grad.clone() for p in (x, router.weight, *experts.parameters())]
@@ -35,6 +35,7 @@ CASES = {
     "k = E": dict(T=7, E=4, k=4),
     "sigmoid, groups, scale": dict(T=12, E=8, k=3, router_cls=SigmoidRouter, n_group=4, topk_group=2,
                                    routed_scaling_factor=2.5),
+    "rows grouped_mm cannot take (d_expert 10)": dict(T=9, E=4, k=2, f=10),
 }
 
 
@@ -100,3 +101,18 @@ def test_skewed_routing_prefers_low_experts_only_when_skewed():
     assert torch.bincount(flat, minlength=8).float().std() / 1000 < 0.1  # uniform within noise
     skewed = torch.bincount(skewed_routing(4000, 8, 2, skew=3.0).flatten(), minlength=8)
     assert skewed[0] > 3 * skewed[7] and torch.equal(skewed_routing(50, 8, 2, 3.0), skewed_routing(50, 8, 2, 3.0))
+
+
+def test_grouped_path_accepts_an_expanded_gradient():
+    # torch._grouped_mm's backward rejects a gradient with zero strides (from y.sum().backward()); the combine
+    # step's index_select hands it a contiguous one, so the layer trains with any loss.
+    x, router, experts = setup_layer(T=9, E=4, k=2)
+    y, _ = DROPLESS["grouped"](x, router(x), experts)
+    y.sum().backward()
+    assert x.grad is not None and experts.w_down.grad.abs().sum() > 0
+
+
+def test_grouped_falls_back_where_the_kernel_cannot_take_the_tensors():
+    assert grouped_mm_supported(torch.zeros(3, 16), Experts(4, 16, 24))
+    assert not grouped_mm_supported(torch.zeros(3, 16), Experts(4, 16, 10))      # 40-byte rows
+    assert not grouped_mm_supported(torch.zeros(3, 16, dtype=torch.float64), Experts(4, 16, 24).double())

@@ -105,3 +105,46 @@ def test_bad_moe_field_is_named(kwargs, field, allowed):
     with pytest.raises(ConfigError) as err:
         moe_config(**kwargs)
     assert f"ModelConfig.{field} = " in str(err.value) and allowed in str(err.value)
+
+
+def test_router_bias_and_counts_keep_their_precision_in_bfloat16():
+    layer = MoE(moe_config(router="sigmoid", bias_update_speed=0.001)).to(torch.bfloat16)
+    assert layer.router.bias.dtype == torch.float32 and layer.step_counts.dtype == torch.long
+    layer.router.bias.fill_(0.5)
+    layer.train()
+    layer(torch.randn(2, 8, 32, dtype=torch.bfloat16))
+    layer.after_step()
+    moved = (layer.router.bias - 0.5).abs()
+    assert bool(((moved - 0.001).abs() < 1e-6).any())  # ±γ survives; in bfloat16, 0.5 ± 0.001 rounds to 0.5
+
+
+def test_capacity_drops_only_in_training_because_it_is_not_causal():
+    layer = MoE(moe_config(dispatch="capacity", capacity_factor=1.0))  # 4 tokens · top-2 / 8 experts: capacity 1
+    with torch.no_grad():
+        layer.router.weight.copy_(10 * torch.eye(8, 32))       # expert e scores coordinate e of a token
+    def tokens(last_first_choice):
+        x = torch.zeros(1, 4, 32)
+        for t, (first, second) in enumerate([(1, 0), (4, 5), (6, 7), (last_first_choice, 3)]):
+            x[0, t, first], x[0, t, second] = 1.0, 0.9
+        return x
+    layer.train()
+    a = layer(tokens(0))                                        # the last token's first choice: expert 0 ...
+    dropped_a = layer.dropped
+    b = layer(tokens(2))                                        # ... or expert 2
+    # token 0's second choice is expert 0; the last token's first choice outranks it, so it is dropped in a.
+    assert dropped_a > 0 and not torch.allclose(a[0, 0], b[0, 0])
+    layer.eval()
+    torch.testing.assert_close(layer(tokens(0))[0, :3], layer(tokens(2))[0, :3])  # evaluation runs dropless
+    assert layer.dropped == 0.0
+
+
+def test_an_empty_batch_passes_through():
+    layer = MoE(moe_config(aux_loss_coef=0.01, seq_aux_coef=0.1))
+    assert layer(torch.zeros(0, 8, 32)).shape == (0, 8, 32) and layer.aux_loss.item() == 0.0
+
+
+def test_router_and_dispatch_names_match_the_config():
+    from moelab.config import DISPATCHES, ROUTERS
+    from moelab.dispatch import DROPLESS
+    from moelab.moe import ROUTER_CLASSES
+    assert tuple(ROUTER_CLASSES) == ROUTERS and tuple(DROPLESS) + ("capacity",) == DISPATCHES

@@ -1,4 +1,5 @@
 """The README opens with the two commands, maps every notebook, and quotes the measured budgets exactly."""
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -39,3 +40,12 @@ def test_moe_dispatch_table_quotes_benchmarks_results():
         assert f"{row['fwd_bwd_ms']:.1f} ms" in section, f"README lacks {row['case']} {row['impl']}"
     for t in (t for t in results["targets"] if "/ dense" in t["name"]):
         assert f"{t['value']:.2f}× | ≤ {t['target']}× | {'yes' if t['met'] else 'no'} |" in section, t["name"]
+
+
+def test_generated_blocks_equal_what_the_report_script_renders_from_the_results():
+    spec = importlib.util.spec_from_file_location("report", ROOT / "benchmarks" / "report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    for name, render in (("notebooks", report.notebooks_block), ("moe_dispatch", report.moe_dispatch_block)):
+        block = f"<!-- results:{name} -->\n{render(report.load(name))}\n<!-- /results:{name} -->"
+        assert block in README, f"README's {name} block is stale: run python benchmarks/report.py"

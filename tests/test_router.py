@@ -60,3 +60,12 @@ def test_expert_choice_balances_exactly_and_is_not_causal():
     changed[6:] = 10 * router.weight[0]  # later tokens that expert 0 likes more than anything
     earlier_after = set(router(changed)[0].flatten().tolist()) & set(range(6))
     assert earlier != earlier_after  # which earlier tokens get an expert depended on later tokens
+
+
+def test_routers_built_directly_validate_their_shape():
+    import pytest
+    from moelab.config import ConfigError
+    with pytest.raises(ConfigError, match=r"SigmoidRouter.n_group = 3 .* n_experts = 8"):
+        SigmoidRouter(8, 8, 2, n_group=3)
+    with pytest.raises(ConfigError, match=r"SoftmaxRouter.top_k = 5 .* only topk_group · n_experts / n_group = 4"):
+        SoftmaxRouter(8, 8, 5, n_group=4, topk_group=2)

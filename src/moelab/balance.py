@@ -46,6 +46,8 @@ def sequence_aux_loss(probs: torch.Tensor, indices: torch.Tensor) -> torch.Tenso
     ``probs`` ``(B, S, E)`` are each token's affinities normalised to sum to 1; ``indices`` ``(B, S, k)``.
     ``f_i = E / (k·S) · #{t : i ∈ TopK_t}`` and ``P_i = (1/S) · Σ_t s'_{i,t}``, so the loss is 1 for a
     perfectly balanced sequence. DeepSeek-V3 weights it by α = 0.0001: a safety net, not the main mechanism.
+    ``indices`` are the experts actually chosen (with the balancing bias), whose load is what it balances; the
+    report's eq. 18 writes the top-k of the unbiased scores.
     """
     B, S, E = probs.shape
     k = indices.shape[-1]
@@ -58,7 +60,8 @@ def sequence_aux_loss(probs: torch.Tensor, indices: torch.Tensor) -> torch.Tenso
 @torch.no_grad()
 def update_bias(bias: torch.Tensor, counts: torch.Tensor, speed: float) -> None:
     """DeepSeek-V3 aux-loss-free update, in place: ``b_i -= γ`` if expert ``i`` got more than the mean load
-    in the last step, ``b_i += γ`` if it got less (γ = ``speed``; DeepSeek-V3 used 0.001)."""
+    in the last step, ``b_i += γ`` if it got less (γ = ``speed``; DeepSeek-V3 used 0.001). The rule as the
+    report states it; torchtitan also subtracts the update's mean, so that the biases cannot drift together."""
     bias += speed * torch.sign(counts.float().mean() - counts.float())
 
 

@@ -72,6 +72,19 @@ def swiglu_hidden(d_model: int, multiple_of: int = 32) -> int:
     return multiple_of * math.ceil(hidden / multiple_of)
 
 
+def check_routing(owner: str, n_experts: int, top_k: int, n_group: int, topk_group: int) -> None:
+    """The routing shape must be satisfiable: ``k <= E``, groups divide ``E``, and the allowed groups hold at
+    least ``k`` experts. Used by :class:`ModelConfig` and by the routers themselves."""
+    E, names = n_experts, "n_routed_experts" if owner == "ModelConfig" else "n_experts"
+    check(top_k <= E, owner, "top_k", top_k, f"allowed: 1..{names} = {E}")
+    check(E % n_group == 0, owner, "n_group", n_group,
+          f"it must divide {names} = {E} into equal groups; allowed: {', '.join(map(str, divisors(E)))}")
+    check(topk_group <= n_group, owner, "topk_group", topk_group, f"allowed: 1..n_group = {n_group}")
+    reachable = topk_group * (E // n_group)
+    check(top_k <= reachable, owner, "top_k", top_k,
+          f"only topk_group · {names} / n_group = {reachable} experts are reachable; allowed: 1..{reachable}")
+
+
 ROUTERS = ("softmax", "sigmoid")                      # moelab.router.SoftmaxRouter, SigmoidRouter
 DISPATCHES = ("loop", "sorted", "grouped", "capacity")  # moelab.dispatch
 
@@ -85,7 +98,8 @@ class ModelConfig:
 
     With ``n_routed_experts > 0`` every layer from ``first_k_dense`` on is a mixture of experts
     (:class:`moelab.moe.MoE`): ``top_k`` of ``n_routed_experts`` SwiGLU experts of width ``d_expert`` (default
-    ``d_ff``) plus ``n_shared_experts`` always-on ones; ``router`` ``"softmax"`` (Mixtral, Qwen3) or
+    ``d_ff``, Mixtral-style full-width experts: a top-k layer then does k times the dense FFN's work; set it
+    to ``d_ff // top_k`` to match active compute) plus ``n_shared_experts`` always-on ones; ``router`` ``"softmax"`` (Mixtral, Qwen3) or
     ``"sigmoid"`` (DeepSeek-V3) with ``norm_topk_prob``, ``routed_scaling_factor`` and group limiting to the best
     ``topk_group`` of ``n_group`` groups; ``dispatch`` one of :data:`DISPATCHES`, ``capacity_factor`` for
     ``"capacity"``. Balancing: ``aux_loss_coef`` (Switch), ``z_loss_coef`` (ST-MoE), ``seq_aux_coef``
@@ -166,17 +180,8 @@ class ModelConfig:
                                                 low_open=True, high_open=True))
         for name in ("aux_loss_coef", "z_loss_coef", "seq_aux_coef", "bias_update_speed"):
             set_checked(self, name, check_float(owner, name, getattr(self, name), 0.0, math.inf, high_open=True))
-        E = self.n_routed_experts
-        if E == 0:
-            return
-        check(self.top_k <= E, owner, "top_k", self.top_k, f"allowed: 1..n_routed_experts = {E}")
-        check(E % self.n_group == 0, owner, "n_group", self.n_group,
-              f"it must divide n_routed_experts = {E} into equal groups; allowed: {', '.join(map(str, divisors(E)))}")
-        check(self.topk_group <= self.n_group, owner, "topk_group", self.topk_group,
-              f"allowed: 1..n_group = {self.n_group}")
-        reachable = self.topk_group * (E // self.n_group)
-        check(self.top_k <= reachable, owner, "top_k", self.top_k,
-              f"only topk_group · n_routed_experts / n_group = {reachable} experts are reachable; allowed: 1..{reachable}")
+        if self.n_routed_experts:
+            check_routing(owner, self.n_routed_experts, self.top_k, self.n_group, self.topk_group)
 
     @property
     def head_dim(self) -> int:
@@ -188,3 +193,4 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "ModelConfig":
         return from_dict(cls, values)
+

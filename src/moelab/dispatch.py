@@ -9,9 +9,11 @@ One interface, several implementations with the same outputs and gradients. Each
 - :func:`sorted_dispatch` — sort the ``T·k`` assignments by expert so each expert's rows are contiguous, run
   each segment, un-permute (the original DeepSeek ``moe_infer``);
 - :func:`grouped_dispatch` — the same sort, then *one* ``torch._grouped_mm`` per weight matrix for all experts
-  (torchtitan, Hugging Face ``grouped_mm``); falls back to the sorted loop where torch lacks the kernel;
+  (torchtitan, Hugging Face ``grouped_mm``); falls back to the sorted loop where the kernel cannot take the
+  tensors (see :func:`grouped_mm_supported`);
 - :func:`capacity_dispatch` — GShard/Switch: each expert takes at most ``ceil(capacity_factor·T·k/E)``
   assignments, first choices before second ones; the rest are dropped (the token keeps only its residual).
+  Not causal: a token's second choice can lose its place to a *later* token's first choice.
 
 Built in notebooks/02_moe_layer.ipynb.
 """
@@ -34,6 +36,15 @@ def grouped_mm_available() -> bool:
         return bool(out.shape == (2, 8))
     except (AttributeError, RuntimeError, NotImplementedError):
         return False
+
+
+def grouped_mm_supported(x: torch.Tensor, experts: Experts) -> bool:
+    """Whether ``torch._grouped_mm`` takes these rows and weights: on CPU fp32/bf16/fp16, on CUDA bf16 (the
+    documented case, SM >= 80), with every row 16-byte aligned (``d_model`` and ``d_expert`` times the element
+    size divisible by 16). Anything else runs the sorted loop, which gives the same result."""
+    dtypes = {torch.float32, torch.bfloat16, torch.float16} if x.device.type == "cpu" else {torch.bfloat16}
+    aligned = all(n * x.element_size() % 16 == 0 for n in (experts.d_model, experts.d_expert))
+    return aligned and x.dtype in dtypes and experts.w_gate.dtype == x.dtype and grouped_mm_available()
 
 
 def assignments(routing: Routing) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -77,7 +88,7 @@ def _sorted(x: torch.Tensor, token: torch.Tensor, expert: torch.Tensor, weight: 
 
 def _grouped(x: torch.Tensor, token: torch.Tensor, expert: torch.Tensor, weight: torch.Tensor,
              experts: Experts) -> torch.Tensor:
-    if not grouped_mm_available():
+    if not grouped_mm_supported(x, experts):
         return _sorted(x, token, expert, weight, experts)
     order, offsets = permute(token, expert, experts.n_experts)
     token, weight = token[order], weight[order]
@@ -93,7 +104,8 @@ def grouped_dispatch(x: torch.Tensor, routing: Routing, experts: Experts) -> tup
 
 
 def expert_capacity(n_tokens: int, top_k: int, n_experts: int, capacity_factor: float) -> int:
-    """``ceil(capacity_factor · tokens · k / E)``: how many assignments one expert accepts (GShard, Switch)."""
+    """``ceil(capacity_factor · tokens · k / E)``: how many assignments one expert accepts. Switch Transformer's
+    ``tokens / E · capacity_factor`` for top-1, generalised to top-k (GShard's top-2 capacity is ``2N / E``)."""
     return math.ceil(capacity_factor * n_tokens * top_k / n_experts)
 
 
@@ -131,5 +143,4 @@ def capacity_report(indices: torch.Tensor, n_experts: int, capacity_factor: floa
             "dropped": 1.0 - kept.float().mean().item()}
 
 
-DISPATCH = {"loop": loop_dispatch, "sorted": sorted_dispatch, "grouped": grouped_dispatch,
-            "capacity": capacity_dispatch}
+DROPLESS = {"loop": loop_dispatch, "sorted": sorted_dispatch, "grouped": grouped_dispatch}

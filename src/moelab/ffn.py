@@ -41,7 +41,8 @@ class Experts(nn.Module):
         self.w_gate = nn.Parameter(torch.empty(n_experts, d_model, d_expert))
         self.w_up = nn.Parameter(torch.empty(n_experts, d_model, d_expert))
         self.w_down = nn.Parameter(torch.empty(n_experts, d_expert, d_model))
-        for w in (self.w_gate, self.w_up, self.w_down):  # nn.Linear's default, per expert
+        for w in (self.w_gate, self.w_up, self.w_down):  # nn.Linear's default, per expert, for standalone use;
+            # inside a Transformer, reset_parameters re-initialises every matrix
             nn.init.uniform_(w, -1 / math.sqrt(w.shape[1]), 1 / math.sqrt(w.shape[1]))
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:

@@ -12,45 +12,56 @@ import torch.nn as nn
 
 from .balance import router_z_loss, sequence_aux_loss, switch_aux_loss, tokens_per_expert, update_bias
 from .config import ModelConfig
-from .dispatch import DISPATCH, capacity_dispatch
+from .dispatch import DROPLESS, capacity_dispatch
 from .ffn import Experts, SwiGLU
 from .router import SigmoidRouter, SoftmaxRouter
 
-ROUTERS = {"softmax": SoftmaxRouter, "sigmoid": SigmoidRouter}
+ROUTER_CLASSES = {"softmax": SoftmaxRouter, "sigmoid": SigmoidRouter}   # the names of config.ROUTERS
 
 
 class MoE(nn.Module):
     """A mixture-of-experts FFN configured by the MoE fields of :class:`~moelab.config.ModelConfig`.
 
     After each forward pass: ``aux_loss`` holds the weighted balancing losses (to add to the training loss),
-    ``counts`` the tokens each expert received ``(E,)`` and ``dropped`` the fraction of assignments dropped by
-    capacity dispatch. In training, counts accumulate until :meth:`after_step` applies the aux-loss-free bias
-    update (if ``bias_update_speed > 0``).
+    ``counts`` how many assignments chose each expert ``(E,)`` (before any capacity drop) and ``dropped`` the
+    fraction of assignments capacity dispatch dropped. In training, counts accumulate until
+    :meth:`after_step` applies the aux-loss-free bias update (if ``bias_update_speed > 0``).
+
+    Capacity dispatch applies in training only. It is not causal (a later token can take an earlier token's
+    place in an expert), so evaluation and generation run the dropless grouped path, as Switch-style models can
+    at inference with a capacity large enough to drop nothing.
     """
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         c = config
         self.config = c
-        self.router = ROUTERS[c.router](c.d_model, c.n_routed_experts, c.top_k, c.norm_topk_prob,
+        self.router = ROUTER_CLASSES[c.router](c.d_model, c.n_routed_experts, c.top_k, c.norm_topk_prob,
                                         c.routed_scaling_factor, c.n_group, c.topk_group)
         self.experts = Experts(c.n_routed_experts, c.d_model, c.d_expert)
         self.shared = SwiGLU(c.d_model, c.n_shared_experts * c.d_expert) if c.n_shared_experts else None
-        self.register_buffer("step_counts", torch.zeros(c.n_routed_experts), persistent=False)
+        self.register_buffer("step_counts", torch.zeros(c.n_routed_experts, dtype=torch.long), persistent=False)
         self.aux_loss = torch.zeros(())
         self.counts = torch.zeros(c.n_routed_experts, dtype=torch.long)
-        self.dropped = 0.0
+        self.kept = torch.ones(0, c.top_k, dtype=torch.bool)
+
+    @property
+    def dropped(self) -> float:
+        """Fraction of the last forward pass's assignments that capacity dispatch dropped."""
+        return 1.0 - self.kept.float().mean().item() if self.kept.numel() else 0.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.config
         rows = x.reshape(-1, x.shape[-1])                                          # (B·T, d_model)
+        if rows.shape[0] == 0:
+            self.aux_loss = torch.zeros((), device=x.device)
+            return torch.zeros_like(x)
         routing = self.router(rows)
-        if c.dispatch == "capacity":
-            y, kept = capacity_dispatch(rows, routing, self.experts, c.capacity_factor)
+        if c.dispatch == "capacity" and self.training:
+            y, self.kept = capacity_dispatch(rows, routing, self.experts, c.capacity_factor)
         else:
-            y, kept = DISPATCH[c.dispatch](rows, routing, self.experts)
+            y, self.kept = DROPLESS["grouped" if c.dispatch == "capacity" else c.dispatch](rows, routing, self.experts)
         self.counts = tokens_per_expert(routing.indices, c.n_routed_experts)
-        self.dropped = 1.0 - kept.float().mean().item()
         self.aux_loss = self.balance_loss(routing, x.shape[:-1])
         if self.training and c.bias_update_speed > 0:
             self.step_counts += self.counts
@@ -59,7 +70,12 @@ class MoE(nn.Module):
         return y.view_as(x)
 
     def balance_loss(self, routing, batch_shape: torch.Size) -> torch.Tensor:
-        """``aux_loss_coef · Switch + z_loss_coef · z-loss + seq_aux_coef · sequence-wise`` (zero if all are 0)."""
+        """``aux_loss_coef · Switch + z_loss_coef · z-loss + seq_aux_coef · sequence-wise`` (zero if all are 0).
+
+        Each MoE layer adds its own; :attr:`moelab.model.Transformer.aux_loss` sums them over layers (Hugging
+        Face instead computes one Switch loss over all layers' router logits together, closer to a mean).
+        The sequence-wise loss counts the experts actually chosen (with the bias), as the load it balances is.
+        """
         c, loss = self.config, torch.zeros((), device=routing.logits.device)
         if c.aux_loss_coef:
             loss = loss + c.aux_loss_coef * switch_aux_loss(routing.probs, routing.indices)

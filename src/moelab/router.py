@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .config import check_routing
+
 
 @dataclass
 class Routing:
@@ -39,8 +41,9 @@ class Routing:
 def limit_to_groups(scores: torch.Tensor, n_group: int, topk_group: int) -> torch.Tensor:
     """Mask (with -inf) every expert outside each token's best ``topk_group`` of ``n_group`` equal groups.
 
-    A group's score is the sum of its two highest expert scores (DeepSeek-V3 ``inference/model.py`` ``Gate``;
-    the report's "sum of the highest K_r/M affinity scores" per node). ``scores``: ``(T, E)``.
+    A group's score is the sum of its two highest (biased) expert scores: DeepSeek-V3 ``inference/model.py``
+    ``Gate``, the report's "sum of the highest K_r/M affinity scores" per node. (DeepSeek-V2's device-limited
+    routing, without a bias, ranked groups by their single highest score instead.) ``scores``: ``(T, E)``.
     """
     T, E = scores.shape
     grouped = scores.view(T, n_group, E // n_group)
@@ -54,17 +57,26 @@ class TopKRouter(nn.Module):
     """Shared machinery: ``logits = x @ weightᵀ`` in fp32, scores, biased selection, gather, renormalise, scale.
 
     ``bias`` (a buffer, zero unless aux-loss-free balancing moves it) is added to the scores *for selection
-    only*; the gate values are always the unbiased scores of the chosen experts.
+    only*; the gate values are always the unbiased scores of the chosen experts. The bias stays in float32
+    when the module is cast to a lower precision (DeepSeek-V3 and Hugging Face keep it so): steps of γ = 0.001
+    would vanish in bfloat16.
     """
 
     def __init__(self, d_model: int, n_experts: int, top_k: int, norm_topk_prob: bool = True,
                  routed_scaling_factor: float = 1.0, n_group: int = 1, topk_group: int = 1):
         super().__init__()
+        check_routing(type(self).__name__, n_experts, top_k, n_group, topk_group)
         self.n_experts, self.top_k, self.norm_topk_prob = n_experts, top_k, norm_topk_prob
         self.routed_scaling_factor, self.n_group, self.topk_group = routed_scaling_factor, n_group, topk_group
         self.weight = nn.Parameter(torch.empty(n_experts, d_model))
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's default, as DeepSeek's Gate uses
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's default for a standalone router
         self.register_buffer("bias", torch.zeros(n_experts))
+
+    def _apply(self, fn, recurse=True):
+        bias = self.bias
+        super()._apply(fn, recurse)
+        self.bias = bias.to(device=self.bias.device)            # follow device moves, never dtype casts
+        return self
 
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -78,7 +90,7 @@ class TopKRouter(nn.Module):
         indices = choice.topk(self.top_k, dim=-1).indices                          # (T, k)
         weights = scores.gather(-1, indices)
         if self.norm_topk_prob:
-            weights = weights / weights.sum(-1, keepdim=True)
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)              # as HF and torchtitan
         weights = weights * self.routed_scaling_factor
         probs = scores / scores.sum(-1, keepdim=True)
         return Routing(weights.type_as(x), indices, logits, probs)

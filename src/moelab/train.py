@@ -117,8 +117,9 @@ class History:
     (``eval_train`` and ``eval_val``, on fixed batches, at the steps in ``eval_step``).
 
     For a model with MoE layers, also per step: the balancing loss added to the training loss (``aux_loss``),
-    the tokens each expert of each MoE layer received (``expert_counts[step][layer][expert]``) and the
-    fraction of assignments dropped by capacity dispatch, averaged over layers (``dropped``).
+    how many of the batch's token-to-expert assignments chose each expert of each MoE layer, before any
+    capacity drop (``expert_counts[step][layer][expert]``), and the fraction of assignments dropped by capacity
+    dispatch, averaged over layers (``dropped``).
     """
 
     step: list[int] = field(default_factory=list)

@@ -64,7 +64,6 @@ def plot_attention(probs: torch.Tensor, labels: Sequence[str] | None = None, ax:
     return ax
 
 
-
 def plot_expert_load(requested: torch.Tensor, kept: torch.Tensor | None = None, capacity: int | None = None,
                      ax: Axes | None = None, title: str = "") -> Axes:
     """Assignments per expert: what each expert was asked for, what it kept (capacity dispatch), its capacity."""

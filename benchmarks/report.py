@@ -1,0 +1,82 @@
+"""Rewrite the measured numbers in README.md from benchmarks/results/*.json (run by `make bench` last).
+
+    python benchmarks/report.py
+
+README.md marks each generated block with `<!-- results:NAME -->` … `<!-- /results:NAME -->`; the notebook
+run times in the course map are updated in place. tests/test_readme.py checks that the README agrees with the
+results files, so the two cannot drift apart.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+
+
+def load(name: str) -> dict:
+    return json.loads((ROOT / "benchmarks" / "results" / f"{name}.json").read_text(encoding="utf-8"))
+
+
+def yes(met: bool) -> str:
+    return "yes" if met else "no"
+
+
+def notebooks_block(r: dict) -> str:
+    notebooks = [row for row in r["rows"] if row["case"][:2].isdigit()]
+    clone = [row for row in r["rows"] if row["case"].startswith("make test")]
+    clone_target = [t for t in r["targets"] if "fresh clone" in t["name"]]
+    times = ", ".join(f"{row['case']}: {row['seconds']:.1f} s" for row in notebooks)
+    met = all(t["met"] for t in r["targets"] if "executes" in t["name"])
+    clone_cell = (f"{clone[0]['seconds']:.1f} s ({clone[0]['pytest']}) | {yes(clone_target[0]['met'])}" if clone
+                  else "not measured by the last run (`--notebooks-only`) | —")
+    return "\n".join(["| budget | target | measured | met |", "|---|---|---|---|",
+                      f"| every notebook executes | ≤ 120 s | {times} | {yes(met)} |",
+                      f"| `make test` on a fresh clone, install included (pip cache off) | ≤ 600 s | {clone_cell} |"])
+
+
+def moe_dispatch_block(r: dict) -> str:
+    lines = ["| shape | dense | loop | sorted | grouped | capacity (factor 1.25) | fastest dropless / dense "
+             "| target | met |", "|---|---|---|---|---|---|---|---|---|"]
+    for case in ("coarse", "fine"):
+        rows = {row["impl"]: row for row in r["rows"] if row["case"] == case}
+        t = next(t for t in r["targets"] if t["name"].startswith(case) and "/ dense" in t["name"])
+        shape = rows["grouped"]
+        cells = [f"{rows['dense']['fwd_bwd_ms']:.1f} ms"] + [
+            f"{rows[i]['fwd_bwd_ms']:.1f} ms ({rows[i]['ratio_to_dense']:.2f}×)"
+            for i in ("loop", "sorted", "grouped", "capacity")]
+        lines.append(f"| {case}: E = {shape['n_routed_experts']}, k = {shape['top_k']}, d_expert = "
+                     f"{shape['d_expert']} | {' | '.join(cells)} | {t['value']:.2f}× | ≤ {t['target']}× | "
+                     f"{yes(t['met'])} |")
+    stages = []
+    for case, s in r["stages"].items():
+        alone = s["its stages, each timed alone"]
+        overhead = sum(ms for name, ms in alone.items() if not name.startswith("expert"))
+        experts = alone["expert SwiGLU (grouped matmuls)"] / s["dense SwiGLU"]
+        stages.append(f"{case}: routing, sorting and moving rows {overhead:.0f} ms of the grouped path's "
+                      f"{s['grouped path, ms per fwd + bwd']:.0f} ms; the experts' grouped matmuls alone "
+                      f"{experts:.2f}× the dense layer")
+    lines += ["", "Targets met: " + (", ".join(t["name"] for t in r["targets"] if t["met"]) or "none") + ".",
+              "Targets missed: " + (", ".join(t["name"] for t in r["targets"] if not t["met"]) or "none") + ".",
+              "Stages, each timed alone (forward + backward): " + "; ".join(stages) + "."]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    text = README.read_text(encoding="utf-8")
+    for name, render in (("notebooks", notebooks_block), ("moe_dispatch", moe_dispatch_block)):
+        block = f"<!-- results:{name} -->\n{render(load(name))}\n<!-- /results:{name} -->"
+        text, n = re.subn(rf"<!-- results:{name} -->.*?<!-- /results:{name} -->", lambda _: block, text, flags=re.S)
+        if n != 1:
+            raise SystemExit(f"README.md needs exactly one <!-- results:{name} --> block, found {n}")
+    for row in load("notebooks")["rows"]:
+        pattern = rf"(\[`notebooks/{row['case']}\.ipynb`\].*\| )[0-9.]+ s( \|)$"
+        text = re.sub(pattern, lambda m: f"{m[1]}{row['seconds']:.1f} s{m[2]}", text, flags=re.M)
+    README.write_text(text, encoding="utf-8")
+    print(f"updated {README.relative_to(ROOT)} from benchmarks/results")
+
+
+if __name__ == "__main__":
+    main()
