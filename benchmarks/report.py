@@ -64,9 +64,24 @@ def moe_dispatch_block(r: dict) -> str:
     return "\n".join(lines)
 
 
+def train_throughput_block(r: dict) -> str:
+    lines = ["| model | parameters (active / total) | ms per step | tokens/s | relative to dense |",
+             "|---|---|---|---|---|"]
+    for row in r["rows"]:
+        lines.append(f"| {row['model']} | {row['active']:,d} / {row['total']:,d} | {row['step_ms']:.1f} | "
+                     f"{row['tokens_per_second']:,d} | {row['relative_to_dense']:.2f}× |")
+    t = r["targets"][0]
+    lines += ["", f"Target: {t['name']} {t['op']} {t['target']}; measured {t['value']:.2f}: "
+              f"{'met' if t['met'] else 'missed'}."]
+    return "\n".join(lines)
+
+
+BLOCKS = {"notebooks": notebooks_block, "moe_dispatch": moe_dispatch_block, "train_throughput": train_throughput_block}
+
+
 def main() -> None:
     text = README.read_text(encoding="utf-8")
-    for name, render in (("notebooks", notebooks_block), ("moe_dispatch", moe_dispatch_block)):
+    for name, render in BLOCKS.items():
         block = f"<!-- results:{name} -->\n{render(load(name))}\n<!-- /results:{name} -->"
         text, n = re.subn(rf"<!-- results:{name} -->.*?<!-- /results:{name} -->", lambda _: block, text, flags=re.S)
         if n != 1:

@@ -35,17 +35,27 @@ def test_budget_table_quotes_benchmarks_results():
 
 def test_moe_dispatch_table_quotes_benchmarks_results():
     results = json.loads((ROOT / "benchmarks" / "results" / "moe_dispatch.json").read_text(encoding="utf-8"))
-    section = README[README.index("## MoE dispatch speed"):README.index("## Other commands")]
+    section = README[README.index("## MoE dispatch speed"):README.index("## MoE training speed")]
     for row in results["rows"]:
         assert f"{row['fwd_bwd_ms']:.1f} ms" in section, f"README lacks {row['case']} {row['impl']}"
     for t in (t for t in results["targets"] if "/ dense" in t["name"]):
         assert f"{t['value']:.2f}× | ≤ {t['target']}× | {'yes' if t['met'] else 'no'} |" in section, t["name"]
 
 
+def test_train_throughput_table_quotes_benchmarks_results():
+    results = json.loads((ROOT / "benchmarks" / "results" / "train_throughput.json").read_text(encoding="utf-8"))
+    section = README[README.index("## MoE training speed"):README.index("## Other commands")]
+    assert {row["model"] for row in results["rows"]} == {"dense", "coarse", "fine"}
+    for row in results["rows"]:
+        assert f"| {row['tokens_per_second']:,d} | {row['relative_to_dense']:.2f}× |" in section, row["model"]
+    (t,) = results["targets"]
+    assert f"measured {t['value']:.2f}: {'met' if t['met'] else 'missed'}" in section
+
+
 def test_generated_blocks_equal_what_the_report_script_renders_from_the_results():
     spec = importlib.util.spec_from_file_location("report", ROOT / "benchmarks" / "report.py")
     report = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(report)
-    for name, render in (("notebooks", report.notebooks_block), ("moe_dispatch", report.moe_dispatch_block)):
+    for name, render in report.BLOCKS.items():
         block = f"<!-- results:{name} -->\n{render(report.load(name))}\n<!-- /results:{name} -->"
         assert block in README, f"README's {name} block is stale: run python benchmarks/report.py"

@@ -8,7 +8,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from moelab.train import History  # noqa: E402
-from moelab.viz import ema, plot_attention, plot_expert_load, plot_history, plot_load_heatmap  # noqa: E402
+from moelab.viz import (  # noqa: E402
+    color_by_expert, ema, expert_colors, plot_attention, plot_domain_experts, plot_expert_load, plot_history,
+    plot_load_heatmap)
 
 
 def test_ema_starts_at_the_first_value_and_smooths():
@@ -47,3 +49,25 @@ def test_plot_expert_load_draws_requested_kept_and_capacity():
 def test_plot_load_heatmap_shows_shares_of_a_fair_load():
     ax = plot_load_heatmap(np.array([[2, 2, 4], [0, 4, 4]]))
     np.testing.assert_allclose(ax.images[0].get_array(), np.array([[0.75, 0.0], [0.75, 1.5], [1.5, 1.5]]))
+
+
+def test_plot_load_heatmap_labels_logged_steps_and_rejects_a_mismatch():
+    ax = plot_load_heatmap(np.ones((3, 2)), steps=[0, 10, 20])
+    assert ax.images[0].get_extent()[:2] == [0, 30]
+    with pytest.raises(ValueError, match="steps has 2 entries; allowed: one per row of counts"):
+        plot_load_heatmap(np.ones((3, 2)), steps=[0, 10])
+
+
+def test_plot_domain_experts_draws_the_fractions_on_a_shared_scale():
+    fractions = np.array([[0.5, 0.5], [1.0, 0.0]])
+    ax = plot_domain_experts(fractions, ["a", "b"], vmax=2.0)
+    np.testing.assert_allclose(ax.images[0].get_array(), fractions)
+    assert ax.images[0].get_clim() == (0.0, 2.0) and [t.get_text() for t in ax.get_yticklabels()] == ["a", "b"]
+
+
+def test_color_by_expert_colours_each_character_and_escapes_html():
+    colors = expert_colors(45)
+    assert len(set(colors)) == 45 and all(c.startswith("#") and len(c) == 7 for c in colors)
+    page = color_by_expert("<a\n", [0, 1, 2], 3)
+    assert page.count("<span") == 3 and "&lt;" in page and "⏎" in page
+    assert f'title="expert 1" style="background:{colors[1]}' in page

@@ -240,3 +240,12 @@ def parameter_counts(model: Transformer) -> dict[str, int]:
     skipped = sum((moe.experts.n_experts - moe.config.top_k) * sum(p[0].numel() for p in moe.experts.parameters())
                   for moe in model.moe_layers)
     return {"total": total, "active": total - skipped}
+
+
+def flops_per_token(model: Transformer) -> int:
+    """Training FLOPs per token, forward and backward: ``6·N + 6·n_layer·block_size·d_model`` (Kaplan et al.
+    2020, §2.1: ``C_forward ≈ 2N + 2·n_layer·n_ctx·d_attn``, and backward twice forward), where ``N`` counts the
+    active parameters that multiply — all active ones except the input embedding, a table lookup."""
+    c = model.config
+    n = parameter_counts(model)["active"] - (0 if c.tie_embeddings else model.tok_embeddings.weight.numel())
+    return 6 * n + 6 * c.n_layer * c.block_size * c.d_model

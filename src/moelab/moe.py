@@ -23,8 +23,9 @@ class MoE(nn.Module):
     """A mixture-of-experts FFN configured by the MoE fields of :class:`~moelab.config.ModelConfig`.
 
     After each forward pass: ``aux_loss`` holds the weighted balancing losses (to add to the training loss),
-    ``counts`` how many assignments chose each expert ``(E,)`` (before any capacity drop) and ``dropped`` the
-    fraction of assignments capacity dispatch dropped. In training, counts accumulate until
+    ``indices`` the experts each token chose ``(…, k)``, best first, ``counts`` how many assignments chose each
+    expert ``(E,)`` (before any capacity drop) and ``dropped`` the fraction of assignments capacity dispatch
+    dropped. In training, counts accumulate until
     :meth:`after_step` applies the aux-loss-free bias update (if ``bias_update_speed > 0``).
 
     Capacity dispatch applies in training only. It is not causal (a later token can take an earlier token's
@@ -44,6 +45,7 @@ class MoE(nn.Module):
         self.aux_loss = torch.zeros(())
         self.counts = torch.zeros(c.n_routed_experts, dtype=torch.long)
         self.kept = torch.ones(0, c.top_k, dtype=torch.bool)
+        self.indices = torch.zeros(0, c.top_k, dtype=torch.long)
 
     @property
     def dropped(self) -> float:
@@ -61,6 +63,7 @@ class MoE(nn.Module):
             y, self.kept = capacity_dispatch(rows, routing, self.experts, c.capacity_factor)
         else:
             y, self.kept = DROPLESS["grouped" if c.dispatch == "capacity" else c.dispatch](rows, routing, self.experts)
+        self.indices = routing.indices.view(*x.shape[:-1], c.top_k)               # (…, k), best choice first
         self.counts = tokens_per_expert(routing.indices, c.n_routed_experts)
         self.aux_loss = self.balance_loss(routing, x.shape[:-1])
         if self.training and c.bias_update_speed > 0:

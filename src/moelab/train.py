@@ -146,6 +146,22 @@ class History:
         return len(self.step) * self.tokens_per_step / self.seconds if self.seconds else float("nan")
 
 
+def train_step(model: Transformer, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+               grad_clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on the batch ``(x, y)``: language-modelling loss plus the MoE balancing losses,
+    backward, gradient clipping (if ``grad_clip > 0``), the optimizer, then the MoE bias updates. Returns the
+    two losses (detached)."""
+    _, loss = model(x.to(model.device), y.to(model.device))
+    aux = model.aux_loss
+    opt.zero_grad(set_to_none=True)
+    (loss + aux).backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    model.after_step()
+    return loss.detach(), aux.detach()
+
+
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     """``torch.save`` to a temporary file next to ``path``, fsync, then atomically rename it over ``path``.
 
@@ -270,14 +286,7 @@ def train(model: Transformer, data: TextData, cfg: TrainConfig, checkpoint: str 
         for group in opt.param_groups:
             group["lr"] = lr
         x, y = data.batch("train", cfg.batch_size, block, seed=cfg.seed * 10**6 + step)
-        _, loss = model(x.to(model.device), y.to(model.device))
-        aux = model.aux_loss
-        opt.zero_grad(set_to_none=True)
-        (loss + aux).backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        model.after_step()
+        loss, aux = train_step(model, opt, x, y, cfg.grad_clip)
         history.seconds += time.perf_counter() - t0
         history.step.append(step)
         history.loss.append(loss.item())

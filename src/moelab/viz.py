@@ -1,10 +1,11 @@
-"""Plotting helpers the notebooks share: loss curves, attention maps, expert loads.
+"""Plotting helpers the notebooks share: loss curves, attention maps, expert loads, routing pictures.
 
 Each helper draws on a given ``matplotlib`` Axes (or a new one) and returns it, so notebooks can combine
 them. Built in notebooks/01_dense_baseline.ipynb.
 """
 from __future__ import annotations
 
+import html
 from typing import Sequence
 
 import matplotlib.pyplot as plt
@@ -79,12 +80,48 @@ def plot_expert_load(requested: torch.Tensor, kept: torch.Tensor | None = None, 
     return ax
 
 
-def plot_load_heatmap(counts: np.ndarray, ax: Axes | None = None, title: str = "") -> Axes:
+def plot_load_heatmap(counts: np.ndarray, ax: Axes | None = None, title: str = "",
+                      steps: Sequence[int] | None = None) -> Axes:
     """Each expert's share of the assignments over training, relative to a fair share: ``counts`` is
-    ``(steps, E)``; 1 (white) is a perfectly balanced expert, red is overloaded, blue idle."""
+    ``(steps, E)``; 1 (white) is a perfectly balanced expert, red is overloaded, blue idle. ``steps`` (equally
+    spaced) labels the rows of ``counts`` with their training steps when they are not 0, 1, 2, …"""
     ax = _axes(ax, (6.0, 2.5))
     share = counts / counts.mean(axis=1, keepdims=True)
-    image = ax.imshow(share.T, aspect="auto", cmap="RdBu_r", vmin=0.0, vmax=2.0, interpolation="nearest")
+    extent = None
+    if steps is not None:
+        if len(steps) != len(counts) or len(steps) < 2:
+            raise ValueError(f"steps has {len(steps)} entries; allowed: one per row of counts ({len(counts)}), "
+                             f"at least 2")
+        extent = (steps[0], steps[-1] + steps[1] - steps[0], counts.shape[1] - 0.5, -0.5)
+    image = ax.imshow(share.T, aspect="auto", cmap="RdBu_r", vmin=0.0, vmax=2.0, interpolation="nearest",
+                      extent=extent)
     ax.set(xlabel="training step", ylabel="expert", title=title)
     ax.figure.colorbar(image, ax=ax, label="load / fair share")
     return ax
+
+
+def plot_domain_experts(fractions: np.ndarray, domains: Sequence[str], ax: Axes | None = None,
+                        title: str = "", vmax: float | None = None) -> Axes:
+    """Heatmap of ``fractions`` ``(domains, experts)``: the share of each domain's assignments per expert
+    (colour scale from 0 to ``vmax``, by default the largest share)."""
+    ax = _axes(ax, (7.0, 2.4))
+    image = ax.imshow(fractions, aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax, interpolation="nearest")
+    ax.set_yticks(range(len(domains)), list(domains))
+    ax.set(xlabel="expert", title=title)
+    ax.figure.colorbar(image, ax=ax, label="share of the domain")
+    return ax
+
+
+def expert_colors(n_experts: int) -> list[str]:
+    """One distinguishable hex colour per expert (matplotlib's tab20, then tab20b and tab20c)."""
+    palette = [c for name in ("tab20", "tab20b", "tab20c") for c in plt.get_cmap(name).colors]
+    return ["#" + "".join(f"{round(255 * v):02x}" for v in palette[e % len(palette)][:3]) for e in range(n_experts)]
+
+
+def color_by_expert(text: str, experts: Sequence[int], n_experts: int) -> str:
+    """HTML for ``text`` with each character on the colour of its expert (newlines shown as ⏎)."""
+    colors = expert_colors(n_experts)
+    spans = "".join(
+        f'<span title="expert {e}" style="background:{colors[e]};padding:1px 0">'
+        f'{html.escape(ch) if ch != chr(10) else "⏎"}</span>' for ch, e in zip(text, experts))
+    return f'<div style="font-family:monospace;font-size:14px;line-height:1.8">{spans}</div>'
