@@ -1,0 +1,215 @@
+"""Run one function on N processes joined by ``torch.distributed``: from a notebook, a test or ``torchrun``.
+
+    results = launch(my_module.rank_fn, world_size=4, args=(...))   # one result per rank, in rank order
+
+Each rank is a fresh process (``torch.multiprocessing`` with *spawn*, which works on Linux, macOS and Windows)
+that joins a process group — gloo on CPU, NCCL when every rank has its own GPU — on a free local port, with a
+timeout on the group and on every collective, and one torch thread. It calls ``rank_fn(rank, world_size, *args)``
+and sends back what it returns. Because the processes are spawned, ``rank_fn`` must be importable: defined in a
+module, not in a notebook cell.
+
+Failure is part of the design. A rank that raises makes :func:`launch` raise :class:`RankError` with that rank's
+number and traceback; ranks that do not finish within ``timeout`` seconds are stopped and :func:`launch` raises
+``TimeoutError`` naming them; in every case all child processes are gone before :func:`launch` returns or
+raises, so the next launch starts clean. What the ranks print is shown after they finish, rank by rank, each
+line prefixed with ``[rank r]`` (in rank order, so that a notebook's output does not depend on scheduling).
+
+The same rank functions run on GPUs under ``torchrun`` (see :func:`main`)::
+
+    torchrun --standalone --nproc-per-node 4 -m moelab.dist moelab.some_module:rank_fn
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import importlib
+import io
+import os
+import queue as queue_module
+import socket
+import time
+import traceback
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+RankFn = Callable[..., Any]
+
+
+class RankError(RuntimeError):
+    """A rank raised: ``rank`` is its number and ``remote_traceback`` the traceback it printed."""
+
+    def __init__(self, rank: int, remote_traceback: str):
+        super().__init__(f"rank {rank} failed:\n{remote_traceback}")
+        self.rank, self.remote_traceback = rank, remote_traceback
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def default_backend() -> str:
+    """NCCL when CUDA is available (one GPU per rank), gloo otherwise."""
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init_process_group(rank: int, world_size: int, backend: str, timeout: float) -> None:
+    """Join the process group whose address is in ``MASTER_ADDR`` / ``MASTER_PORT``; with NCCL, rank ``r``
+    uses GPU ``r % device_count``. ``timeout`` (seconds) bounds the rendezvous and every collective."""
+    if backend == "nccl":
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+    dist.init_process_group(backend, rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=timeout))
+
+
+def _check(fn: RankFn, world_size: int, backend: str, timeout: float) -> None:
+    if not callable(fn):
+        raise TypeError(f"rank_fn must be a function, got {type(fn).__name__}")
+    if getattr(fn, "__module__", "__main__") == "__main__" or "<locals>" in getattr(fn, "__qualname__", ""):
+        raise ValueError(f"rank_fn {getattr(fn, '__qualname__', fn)!r} is defined in __main__ (a notebook cell or "
+                         f"a script) or inside a function; spawned ranks cannot import it. Allowed: a function "
+                         f"at the top level of a module, e.g. moelab.ep")
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size = {world_size!r} is not allowed; allowed: an integer >= 1")
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"backend = {backend!r} is not allowed; allowed: 'gloo', 'nccl'")
+    if backend == "nccl" and torch.cuda.device_count() < 1:
+        raise ValueError("backend = 'nccl' needs CUDA GPUs and none is visible; allowed here: 'gloo'")
+    if not timeout > 0:
+        raise ValueError(f"timeout = {timeout!r} is not allowed; allowed: seconds > 0")
+
+
+def _rank_main(fn: RankFn, rank: int, world_size: int, args: tuple, port: int, backend: str, timeout: float,
+               threads: int, out: Any) -> None:
+    """Body of each spawned process: join the group, run ``fn``, send back ("ok" | "error", rank, payload,
+    printed text)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
+    torch.set_num_threads(threads)
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            init_process_group(rank, world_size, backend, timeout)
+            result = fn(rank, world_size, *args)
+        buffer = io.BytesIO()        # tensors as bytes: shared-memory handles would die with this process
+        torch.save(result, buffer)
+        out.put(("ok", rank, buffer.getvalue(), printed.getvalue(), time.time()))
+    except BaseException:  # noqa: BLE001 — everything a rank raises goes back to the caller
+        out.put(("error", rank, traceback.format_exc(), printed.getvalue(), time.time()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _stop(processes: list) -> None:
+    """Terminate, then kill, every process still alive; reap them all."""
+    for p in processes:
+        if p.is_alive():
+            p.terminate()
+    deadline = time.monotonic() + 5.0
+    for p in processes:
+        p.join(max(0.0, deadline - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
+def _first_error(out: Any, first: tuple, grace: float = 1.0) -> tuple[int, str]:
+    """The error that happened first. When one rank fails, the ranks waiting for it in a collective often fail
+    a moment later (their peer is gone); their errors are symptoms. Collect what arrives within ``grace``
+    seconds and return the earliest (rank, traceback)."""
+    errors = [first]
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        try:
+            message = out.get(timeout=0.05)
+        except queue_module.Empty:
+            continue
+        if message[0] == "error":
+            errors.append(message)
+    status, rank, payload, text, t = min(errors, key=lambda m: m[4])
+    return rank, payload
+
+
+def _print_by_rank(printed: dict[int, str]) -> None:
+    for rank in sorted(printed):
+        for line in printed[rank].splitlines():
+            print(f"[rank {rank}] {line}")
+
+
+def launch(fn: RankFn, world_size: int, args: tuple = (), backend: str | None = None, timeout: float = 60.0,
+           threads: int = 1) -> list:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned processes in one process group and return
+    the results in rank order. Raises :class:`RankError` if a rank raises (or dies), ``TimeoutError`` if the
+    ranks are not all done after ``timeout`` seconds; no child process outlives the call."""
+    backend = backend or default_backend()
+    _check(fn, world_size, backend, timeout)
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    port = free_port()
+    processes = [ctx.Process(target=_rank_main, daemon=True,
+                             args=(fn, rank, world_size, tuple(args), port, backend, timeout, threads, out))
+                 for rank in range(world_size)]
+    results: dict[int, Any] = {}
+    printed: dict[int, str] = {}
+    try:
+        for p in processes:
+            p.start()
+        deadline = time.monotonic() + timeout
+        while len(results) < world_size:
+            try:
+                message = out.get(timeout=0.1)
+            except queue_module.Empty:
+                dead = [r for r, p in enumerate(processes) if r not in results and p.exitcode not in (None, 0)]
+                if dead:
+                    raise RankError(dead[0], f"the process exited with code {processes[dead[0]].exitcode} "
+                                             f"without reporting (killed, or crashed in native code)") from None
+                if time.monotonic() > deadline:
+                    waiting = [r for r in range(world_size) if r not in results]
+                    raise TimeoutError(f"ranks {waiting} of {world_size} did not finish within timeout = "
+                                       f"{timeout} s; all ranks were stopped. Allowed: a larger timeout, or a "
+                                       f"rank function whose collectives match on every rank") from None
+                continue
+            status, rank, payload, printed[rank], _ = message
+            if status == "error":
+                raise RankError(*_first_error(out, message))
+            results[rank] = torch.load(io.BytesIO(payload), weights_only=False)   # from our own child
+    finally:
+        _stop(processes)
+        out.close()
+        _print_by_rank(printed)
+    return [results[rank] for rank in range(world_size)]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``torchrun --standalone --nproc-per-node N -m moelab.dist module:function [args...]``: run the rank function
+    on every process torchrun started (string arguments passed through); rank 0 prints its result."""
+    parser = argparse.ArgumentParser(description="Run a moelab rank function under torchrun.")
+    parser.add_argument("target", help="module:function, e.g. moelab.ep:demo")
+    parser.add_argument("args", nargs="*", help="string arguments passed to the function after rank, world_size")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds for the rendezvous and collectives")
+    args = parser.parse_args(argv)
+    module, _, name = args.target.partition(":")
+    if not name:
+        parser.error(f"target {args.target!r} is not allowed; allowed: module:function, e.g. moelab.ep:demo")
+    fn = getattr(importlib.import_module(module), name)
+    if "RANK" not in os.environ:
+        parser.error("RANK is not set: run this module under torchrun --standalone --nproc-per-node N")
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    backend = default_backend()
+    init_process_group(rank, world_size, backend, args.timeout)
+    try:
+        result = fn(rank, world_size, *args.args)
+        if rank == 0:
+            print(result)
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
