@@ -43,3 +43,52 @@ def bad_splits_rank(rank, world_size):
 def test_splits_that_do_not_add_up_are_refused_on_the_rank():
     with pytest.raises(RankError, match="send_splits add up to 2 rows but x has 3; allowed: equal"):
         launch(bad_splits_rank, 2, timeout=60)
+
+
+def ep_rank(rank, world_size, n_experts, skew):
+    """Each rank: the same MoE as one process (same seed), its shard of the experts and of the tokens."""
+    from moelab.config import ModelConfig
+    from moelab.ep import expert_parallel
+    from moelab.ffn import Experts
+    from moelab.moe import MoE
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=16, block_size=8, n_layer=1, n_head=2, d_model=16, n_routed_experts=n_experts,
+                      top_k=2, d_expert=8, router="sigmoid")
+    moe = MoE(cfg)
+    if skew:                              # every token picks experts 0 and 1: the other ranks receive nothing
+        moe.router.bias[:2] = 100.0
+    x_all = torch.randn(world_size * 12, 16)
+    g_all = torch.randn_like(x_all)
+    # one process, all tokens, all experts
+    x_ref = x_all.clone().requires_grad_()
+    y_ref = moe(x_ref)
+    (y_ref * g_all).sum().backward()
+    ref = {"y": y_ref.detach(), "x_grad": x_ref.grad, "router": moe.router.weight.grad.clone(),
+           **{n: p.grad.clone() for n, p in moe.experts.named_parameters()}}
+    moe.zero_grad()
+    # expert parallel: this rank's 12 tokens, its n_experts / world_size experts
+    E_local = n_experts // world_size
+    local = Experts(E_local, 16, 8)
+    with torch.no_grad():
+        for name, p in local.named_parameters():
+            p.copy_(getattr(moe.experts, name)[rank * E_local:(rank + 1) * E_local])
+    shard = slice(rank * 12, (rank + 1) * 12)
+    x = x_all[shard].clone().requires_grad_()
+    y = expert_parallel(x, moe.router(x), local, n_experts)
+    (y * g_all[shard]).sum().backward()
+    router_grad = moe.router.weight.grad.clone()
+    torch.distributed.all_reduce(router_grad)       # the router is replicated: its gradient is summed over ranks
+    return {"y": (y.detach(), ref["y"][shard]), "x_grad": (x.grad, ref["x_grad"][shard]),
+            "router": (router_grad, ref["router"]),
+            **{n: (p.grad, ref[n][rank * E_local:(rank + 1) * E_local]) for n, p in local.named_parameters()},
+            "received": int(((moe.router(x_all).indices // E_local) == rank).sum())}
+
+
+@pytest.mark.parametrize("world, n_experts, skew", [(2, 4, False), (4, 8, False), (2, 4, True)])
+def test_expert_parallel_equals_one_process_in_outputs_and_all_gradients(world, n_experts, skew):
+    for rank, checks in enumerate(launch(ep_rank, world, args=(n_experts, skew), timeout=60)):
+        received = checks.pop("received")
+        assert (received == 0) == (skew and rank > 0)       # with the skew, rank 1 gets no rows at all
+        for name, (got, expected) in checks.items():
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6, msg=lambda m: f"rank {rank} {name}: {m}")

@@ -14,13 +14,18 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
+from .dispatch import _grouped, assignments, combine, permute
+from .ffn import Experts
+from .router import Routing
+
 
 def exchange_counts(send_counts: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
-    """``send_counts[j]`` rows go from this rank to rank ``j``; returns ``recv_counts[j]``, the rows rank ``j``
-    sends to this rank."""
+    """``send_counts[j]`` rows go from this rank to rank ``j`` (or ``send_counts[j, e]`` rows for rank ``j``'s
+    local expert ``e``); returns ``recv_counts`` of the same shape: ``recv_counts[j]``, what rank ``j`` sends here."""
     world = dist.get_world_size(group)
-    if send_counts.shape != (world,):
-        raise ValueError(f"send_counts has shape {tuple(send_counts.shape)}; allowed: ({world},), one count per rank")
+    if send_counts.dim() not in (1, 2) or send_counts.shape[0] != world:
+        raise ValueError(f"send_counts has shape {tuple(send_counts.shape)}; allowed: ({world},) or ({world}, "
+                         f"local experts), one row per rank")
     recv_counts = torch.empty_like(send_counts)
     dist.all_to_all_single(recv_counts, send_counts.contiguous(), group=group)
     return recv_counts
@@ -53,3 +58,37 @@ def all_to_all(x: torch.Tensor, send_splits: Sequence[int], recv_splits: Sequenc
     if sum(send_splits) != x.shape[0]:
         raise ValueError(f"send_splits add up to {sum(send_splits)} rows but x has {x.shape[0]}; allowed: equal")
     return _AllToAll.apply(x, send_splits, recv_splits, group)
+
+
+def expert_parallel(x: torch.Tensor, routing: Routing, local_experts: Experts, n_experts: int,
+                    group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """The routed experts' output for this rank's rows ``x`` ``(N, d_model)``, when the ``n_experts`` experts are
+    sharded over the ranks in order: rank ``r`` holds experts ``r·E_local … (r+1)·E_local − 1`` as
+    ``local_experts``. Equal to the single-process grouped dispatch with all experts (GShard's dispatch/combine).
+
+    1. Sort this rank's (token, expert) assignments by expert: rows for rank 0's experts come first, then rank 1's.
+    2. Exchange how many rows each rank sends to each local expert (:func:`exchange_counts`).
+    3. :func:`all_to_all` the token rows; each rank now holds every rank's rows for its own experts.
+    4. Run the local experts on them (grouped matmuls, as in one process).
+    5. :func:`all_to_all` the outputs back, and add them into their tokens with the routing weights — applied
+       here, on the token's own rank, so the router's gradient never travels.
+    """
+    world, E_local = dist.get_world_size(group), local_experts.n_experts
+    if E_local * world != n_experts:
+        raise ValueError(f"local_experts holds {E_local} experts on each of {world} ranks, not n_experts = "
+                         f"{n_experts}; allowed: n_experts divisible by the world size, E_local = n_experts / world")
+    token, expert, weight = assignments(routing)
+    order, _ = permute(token, expert, n_experts)
+    token, expert, weight = token[order], expert[order], weight[order]
+    send = torch.bincount(expert, minlength=n_experts).view(world, E_local)       # rows per (rank, local expert)
+    recv = exchange_counts(send, group)                                            # rows from (rank, local expert)
+    send_splits, recv_splits = send.sum(1).tolist(), recv.sum(1).tolist()
+    rows = all_to_all(x.index_select(0, token), send_splits, recv_splits, group)
+    local_expert = torch.arange(E_local, device=x.device).repeat(world).repeat_interleave(recv.flatten())
+    positions = torch.arange(rows.shape[0], device=x.device)
+    if rows.shape[0]:
+        out = _grouped(rows, positions, local_expert, rows.new_ones(rows.shape[0]), local_experts)  # received order
+    else:                # nothing came: still give the experts a (zero) gradient, as one process would
+        out = local_experts.expert(0, rows)
+    back = all_to_all(out, recv_splits, send_splits, group)
+    return combine(x, token, back * weight[:, None])
