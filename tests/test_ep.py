@@ -92,3 +92,44 @@ def test_expert_parallel_equals_one_process_in_outputs_and_all_gradients(world, 
         assert (received == 0) == (skew and rank > 0)       # with the skew, rank 1 gets no rows at all
         for name, (got, expected) in checks.items():
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6, msg=lambda m: f"rank {rank} {name}: {m}")
+
+
+def dp_ep_rank(rank, world_size, steps):
+    """A small MoE LM trained `steps` steps by one process on all ranks' batches, then with data + expert
+    parallelism on this rank's batch; returns both final states of what this rank holds."""
+    from moelab import ep, train
+    from moelab.config import ModelConfig
+    from moelab.model import Transformer
+
+    cfg = ModelConfig(vocab_size=32, block_size=16, n_layer=2, n_head=2, d_model=16, n_routed_experts=4, top_k=2,
+                      d_expert=8, n_shared_experts=1, router="sigmoid", bias_update_speed=0.01, seq_aux_coef=1e-2)
+    tcfg = train.TrainConfig(max_steps=steps, batch_size=2, lr=1e-2, warmup_steps=0)
+    torch.manual_seed(1)
+    batches = [(torch.randint(0, 32, (2 * world_size, 16)), torch.randint(0, 32, (2 * world_size, 16)))
+               for _ in range(steps)]
+    torch.manual_seed(0)
+    single = Transformer(cfg)
+    opt = train.make_optimizer(single, tcfg)
+    for x, y in batches:
+        train.train_step(single, opt, x, y, grad_clip=1.0)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    for moe in model.moe_layers:
+        moe.shard_experts()
+    opt = train.make_optimizer(model, tcfg)
+    shard = slice(2 * rank, 2 * rank + 2)
+    for x, y in batches:
+        ep.train_step(model, opt, x[shard], y[shard], grad_clip=1.0)
+    E_local = cfg.n_routed_experts // world_size
+    expected = {}
+    for name, p in single.state_dict().items():
+        expected[name] = p[rank * E_local:(rank + 1) * E_local] if ".experts." in name else p
+    return {name: (p, expected[name]) for name, p in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_data_and_expert_parallel_training_equals_one_process(world):
+    for rank, state in enumerate(launch(dp_ep_rank, world, args=(3,), timeout=120)):
+        assert any(".experts." in name for name in state) and any("router.bias" in name for name in state)
+        for name, (got, expected) in state.items():
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5, msg=lambda m: f"rank {rank} {name}: {m}")

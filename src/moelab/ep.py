@@ -9,7 +9,7 @@ gradients back, which is again an all-to-all with the splits swapped, so an expe
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 import torch.distributed as dist
@@ -17,6 +17,9 @@ import torch.distributed as dist
 from .dispatch import _grouped, assignments, combine, permute
 from .ffn import Experts
 from .router import Routing
+
+if TYPE_CHECKING:
+    from .model import Transformer
 
 
 def exchange_counts(send_counts: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
@@ -92,3 +95,43 @@ def expert_parallel(x: torch.Tensor, routing: Routing, local_experts: Experts, n
         out = local_experts.expert(0, rows)
     back = all_to_all(out, recv_splits, send_splits, group)
     return combine(x, token, back * weight[:, None])
+
+
+def train_step(model: Transformer, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, grad_clip: float,
+               group: dist.ProcessGroup | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`moelab.train.train_step` with data and expert parallelism: every rank holds its own batch, the
+    replicated parameters (embeddings, attention, norms, routers, shared experts) and its shard of each MoE
+    layer's experts (:meth:`moelab.moe.MoE.shard_experts`).
+
+    The loss to minimise is the mean of the ranks' losses. So every gradient is divided by the world size; a
+    replicated parameter's gradient is first summed over the ranks (all-reduce), while an expert's gradient is
+    already complete on the one rank that holds it — its tokens came from every rank. Clipping uses the norm of
+    the whole gradient, experts of all ranks included. With equal batches per rank, the step equals one process
+    training on all the ranks' batches together (balancing losses that are means over sequences or tokens
+    included; the Switch loss, a product of batch means, is not split this way)."""
+    _, loss = model(x.to(model.device), y.to(model.device))
+    aux = model.aux_loss
+    opt.zero_grad(set_to_none=True)
+    (loss + aux).backward()
+    world = dist.get_world_size(group)
+    sharded = {id(p) for moe in model.moe_layers for p in moe.experts.parameters()}
+    replicated_sq, sharded_sq = torch.zeros((), device=model.device), torch.zeros((), device=model.device)
+    for p in model.parameters():
+        if p.grad is None:                       # a parameter this step did not reach: its gradient is zero
+            p.grad = torch.zeros_like(p)
+        if id(p) in sharded:
+            p.grad /= world
+            sharded_sq += p.grad.pow(2).sum()
+        else:
+            dist.all_reduce(p.grad, group=group)
+            p.grad /= world
+            replicated_sq += p.grad.pow(2).sum()
+    if grad_clip > 0:
+        dist.all_reduce(sharded_sq, group=group)
+        norm = (replicated_sq + sharded_sq).sqrt()
+        scale = (grad_clip / (norm + 1e-6)).clamp(max=1.0)            # as torch.nn.utils.clip_grad_norm_
+        for p in model.parameters():
+            p.grad.mul_(scale)
+    opt.step()
+    model.after_step()
+    return loss.detach(), aux.detach()

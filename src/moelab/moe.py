@@ -8,11 +8,13 @@ experts, weighted by the router's gates. It fills the FFN slot of :class:`moelab
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from .balance import router_z_loss, sequence_aux_loss, switch_aux_loss, tokens_per_expert, update_bias
 from .config import ModelConfig
 from .dispatch import DROPLESS, capacity_dispatch
+from .ep import expert_parallel
 from .ffn import Experts, SwiGLU
 from .router import SigmoidRouter, SoftmaxRouter
 
@@ -46,6 +48,25 @@ class MoE(nn.Module):
         self.counts = torch.zeros(c.n_routed_experts, dtype=torch.long)
         self.kept = torch.ones(0, c.top_k, dtype=torch.bool)
         self.indices = torch.zeros(0, c.top_k, dtype=torch.long)
+        self.expert_parallel, self.ep_group = False, None
+
+    @torch.no_grad()
+    def shard_experts(self, group: dist.ProcessGroup | None = None) -> None:
+        """Expert parallelism, in place: keep only this rank's ``n_routed_experts / world_size`` experts (rank ``r``
+        holds experts ``r·E_local … (r+1)·E_local − 1``) and exchange tokens with the other ranks in forward
+        (:func:`moelab.ep.expert_parallel`). The router and shared experts stay whole on every rank."""
+        c, world, rank = self.config, dist.get_world_size(group), dist.get_rank(group)
+        if c.n_routed_experts % world:
+            raise ValueError(f"n_routed_experts = {c.n_routed_experts} cannot be split over {world} ranks; allowed: "
+                             f"a multiple of the world size")
+        if c.dispatch == "capacity":
+            raise ValueError("dispatch = 'capacity' is not supported with expert parallelism; allowed: a dropless "
+                             "dispatch ('loop', 'sorted', 'grouped'), which all run as grouped")
+        E_local = c.n_routed_experts // world
+        local = Experts(E_local, c.d_model, c.d_expert).to(self.experts.w_gate)
+        for name, p in local.named_parameters():
+            p.copy_(getattr(self.experts, name)[rank * E_local:(rank + 1) * E_local])
+        self.experts, self.expert_parallel, self.ep_group = local, True, group
 
     @property
     def dropped(self) -> float:
@@ -55,11 +76,14 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.config
         rows = x.reshape(-1, x.shape[-1])                                          # (B·T, d_model)
-        if rows.shape[0] == 0:
+        if rows.shape[0] == 0 and not self.expert_parallel:       # with EP, still join the all-to-alls
             self.aux_loss = torch.zeros((), device=x.device)
             return torch.zeros_like(x)
         routing = self.router(rows)
-        if c.dispatch == "capacity" and self.training:
+        if self.expert_parallel:
+            y = expert_parallel(rows, routing, self.experts, c.n_routed_experts, self.ep_group)
+            self.kept = torch.ones_like(routing.indices, dtype=torch.bool)
+        elif c.dispatch == "capacity" and self.training:
             y, self.kept = capacity_dispatch(rows, routing, self.experts, c.capacity_factor)
         else:
             y, self.kept = DROPLESS["grouped" if c.dispatch == "capacity" else c.dispatch](rows, routing, self.experts)
@@ -92,8 +116,11 @@ class MoE(nn.Module):
 
     @torch.no_grad()
     def after_step(self) -> None:
-        """Apply DeepSeek-V3's bias update for the loads counted since the last optimizer step, then reset them."""
+        """Apply DeepSeek-V3's bias update for the loads counted since the last optimizer step, then reset them.
+        With expert parallelism the loads of all ranks are summed first, so every rank applies the same update."""
         if self.config.bias_update_speed > 0:
+            if self.expert_parallel:
+                dist.all_reduce(self.step_counts, group=self.ep_group)
             update_bias(self.router.bias, self.step_counts, self.config.bias_update_speed)
         self.step_counts.zero_()
 
