@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from moelab.config import ModelConfig
 from moelab.ffn import SwiGLU
-from moelab.model import CausalSelfAttention, RMSNorm, Transformer, apply_rope, complete, rope_cache
+from moelab.model import CausalSelfAttention, RMSNorm, Transformer, apply_rope, complete, evaluating, rope_cache
 
 
 def tiny(**kw) -> ModelConfig:
@@ -205,3 +205,14 @@ def test_generation_on_cuda_matches_cpu_greedy():
     cpu = model.generate(start, 8, temperature=0)
     gpu = model.cuda().generate(start.cuda(), 8, temperature=0).cpu()
     assert torch.equal(cpu, gpu)
+
+
+def test_evaluating_switches_to_eval_without_gradients_and_restores_the_mode_even_on_error():
+    model = torch.nn.Linear(2, 2)
+    with evaluating(model):
+        assert not model.training and not torch.is_grad_enabled()
+    assert model.training and torch.is_grad_enabled()
+    model.eval()
+    with pytest.raises(RuntimeError), evaluating(model):
+        raise RuntimeError("inside")
+    assert not model.training

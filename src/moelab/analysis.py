@@ -8,25 +8,22 @@ import numpy as np
 import torch
 
 from .data import TextData
-from .model import Transformer
+from .model import Transformer, evaluating
 
 
-@torch.no_grad()
 def routing_by_domain(model: Transformer, data: TextData, split: str = "val", batch_size: int = 16,
                       n_batches: int = 2, seed: int = 0) -> np.ndarray:
     """``(MoE layers, domains, experts)``: the fraction of each domain's token-to-expert assignments that go
     to each expert, from ``n_batches`` fixed batches of that domain (rows sum to 1)."""
-    was_training = model.training
-    model.eval()
     E = model.config.n_routed_experts
     out = np.zeros((len(model.moe_layers), len(data.domains), E))
-    for d, domain in enumerate(data.domains):
-        for i in range(n_batches):
-            x, _ = data.batch(split, batch_size, model.config.block_size, seed + i, domain)
-            model(x.to(model.device))
-            for layer, moe in enumerate(model.moe_layers):
-                out[layer, d] += torch.bincount(moe.indices.flatten(), minlength=E).cpu().numpy()
-    model.train(was_training)
+    with evaluating(model):
+        for d, domain in enumerate(data.domains):
+            for i in range(n_batches):
+                x, _ = data.batch(split, batch_size, model.config.block_size, seed + i, domain)
+                model(x.to(model.device))
+                for layer, moe in enumerate(model.moe_layers):
+                    out[layer, d] += torch.bincount(moe.indices.flatten(), minlength=E).cpu().numpy()
     return out / out.sum(-1, keepdims=True)
 
 
@@ -41,19 +38,15 @@ def domain_expert_information(fractions: np.ndarray) -> np.ndarray:
     return (joint * np.log2(ratio)).sum(axis=(1, 2))
 
 
-@torch.no_grad()
 def top_expert_per_token(model: Transformer, tokenizer, text: str) -> np.ndarray:
     """``(MoE layers, characters)``: the best-scoring expert of every character of ``text`` (at most
     ``block_size`` characters) in each MoE layer."""
-    was_training = model.training
-    model.eval()
     idx = tokenizer.encode(text[:model.config.block_size])[None].to(model.device)
-    model(idx)
-    model.train(was_training)
+    with evaluating(model):
+        model(idx)
     return np.stack([moe.indices[0, :, 0].cpu().numpy() for moe in model.moe_layers])
 
 
-@torch.no_grad()
 def token_identity_share(model: Transformer, data: TextData, split: str = "val", batch_size: int = 16,
                          seed: int = 0, shuffle: bool = False) -> np.ndarray:
     """``(MoE layers,)``: the share of tokens whose first-choice expert is the one most often chosen for that
@@ -61,11 +54,9 @@ def token_identity_share(model: Transformer, data: TextData, split: str = "val",
     context — the "context-independent specialisation" OpenMoE found (Xue et al. 2024, §4); lower values mean the
     context matters. With ``shuffle=True`` the first choices are randomly permuted among the tokens first: the
     share that chance alone gives with the same expert loads, the baseline to compare with."""
-    was_training = model.training
-    model.eval()
     x = torch.cat([data.batch(split, batch_size, model.config.block_size, seed, domain)[0] for domain in data.domains])
-    model(x.to(model.device))
-    model.train(was_training)
+    with evaluating(model):
+        model(x.to(model.device))
     V, E = model.config.vocab_size, model.config.n_routed_experts
     generator = torch.Generator().manual_seed(seed)
     shares = []

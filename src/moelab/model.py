@@ -11,8 +11,9 @@ Built in notebooks/01_dense_baseline.ipynb.
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -21,6 +22,19 @@ import torch.nn.functional as F
 from .config import ModelConfig
 from .moe import MoE, ffn_for_layer
 
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block: ``model.eval()`` (no dropout, MoE dispatch without capacity) and no gradients. After it,
+    even on an error, the model is back in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)
 
 class RMSNorm(nn.Module):
     """``x / sqrt(mean(x²) + eps) * weight`` over the last dimension (Zhang & Sennrich 2019, arXiv:1910.07467).
@@ -187,7 +201,6 @@ class Transformer(nn.Module):
             raise ValueError(f"token ids must lie in 0..{self.config.vocab_size - 1} (ModelConfig.vocab_size = "
                              f"{self.config.vocab_size}); got ids from {idx.min().item()} to {idx.max().item()}")
 
-    @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
         """Append ``max_new_tokens`` sampled tokens to ``idx`` ``(B, T)``; ``temperature = 0`` is greedy.
@@ -201,21 +214,19 @@ class Transformer(nn.Module):
             raise ValueError(f"temperature = {temperature!r} is not allowed; allowed: a number >= 0")
         if top_k is not None and not (isinstance(top_k, int) and 1 <= top_k <= self.config.vocab_size):
             raise ValueError(f"top_k = {top_k!r} is not allowed; allowed: None or 1..{self.config.vocab_size}")
-        was_training = self.training
-        self.eval()
-        for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, -self.config.block_size:])
-            logits = logits[:, -1, :].float()
-            if temperature == 0:
-                nxt = logits.argmax(-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, top_k).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
-            idx = torch.cat((idx, nxt), dim=1)
-        self.train(was_training)
+        with evaluating(self):
+            for _ in range(max_new_tokens):
+                logits, _ = self(idx[:, -self.config.block_size:])
+                logits = logits[:, -1, :].float()
+                if temperature == 0:
+                    nxt = logits.argmax(-1, keepdim=True)
+                else:
+                    logits = logits / temperature
+                    if top_k is not None:
+                        kth = torch.topk(logits, top_k).values[:, -1:]
+                        logits = logits.masked_fill(logits < kth, float("-inf"))
+                    nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+                idx = torch.cat((idx, nxt), dim=1)
         return idx
 
 

@@ -22,7 +22,7 @@ import torch
 
 from .config import ConfigError, ModelConfig, check, check_float, check_int, from_dict, set_checked
 from .data import CharTokenizer, TextData
-from .model import Transformer
+from .model import Transformer, evaluating
 from .notebook import progress_bar
 
 EVAL_SEED = 10**9  # evaluation batches use seeds EVAL_SEED + i: the same windows for every model and run
@@ -87,7 +87,6 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
 
-@torch.no_grad()
 def evaluate(model: Transformer, data: TextData, split: str, batch_size: int, n_batches: int,
              domain: str | None = None) -> float:
     """Mean loss over ``n_batches`` fixed batches of ``split``, in eval mode.
@@ -95,13 +94,11 @@ def evaluate(model: Transformer, data: TextData, split: str, batch_size: int, n_
     Without ``domain`` the batches are balanced over the domains (see :meth:`TextData.batch`), so that train
     and val estimates weigh the domains alike; with ``domain`` they come from that domain only.
     """
-    was_training = model.training
-    model.eval()
     losses = []
-    for i in range(n_batches):
-        x, y = data.batch(split, batch_size, model.config.block_size, EVAL_SEED + i, domain, balanced=True)
-        losses.append(model(x.to(model.device), y.to(model.device))[1].item())
-    model.train(was_training)
+    with evaluating(model):
+        for i in range(n_batches):
+            x, y = data.batch(split, batch_size, model.config.block_size, EVAL_SEED + i, domain, balanced=True)
+            losses.append(model(x.to(model.device), y.to(model.device))[1].item())
     return sum(losses) / len(losses)
 
 
