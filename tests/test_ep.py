@@ -1,4 +1,6 @@
 """The expert-parallel all-to-all on real gloo ranks: uneven splits, empty sends, and its gradient."""
+import copy
+
 import pytest
 import torch
 
@@ -48,8 +50,6 @@ def test_splits_that_do_not_add_up_are_refused_on_the_rank():
 def ep_rank(rank, world_size, n_experts, skew):
     """Each rank: the same MoE as one process (same seed), its shard of the experts and of the tokens."""
     from moelab.config import ModelConfig
-    from moelab.ep import expert_parallel
-    from moelab.ffn import Experts
     from moelab.moe import MoE
 
     torch.manual_seed(0)
@@ -69,16 +69,15 @@ def ep_rank(rank, world_size, n_experts, skew):
     moe.zero_grad()
     # expert parallel: this rank's 12 tokens, its n_experts / world_size experts
     E_local = n_experts // world_size
-    local = Experts(E_local, 16, 8)
-    with torch.no_grad():
-        for name, p in local.named_parameters():
-            p.copy_(getattr(moe.experts, name)[rank * E_local:(rank + 1) * E_local])
+    sharded = copy.deepcopy(moe)
+    sharded.shard_experts()
     shard = slice(rank * 12, (rank + 1) * 12)
     x = x_all[shard].clone().requires_grad_()
-    y = expert_parallel(x, moe.router(x), local, n_experts)
+    y = sharded(x)
     (y * g_all[shard]).sum().backward()
-    router_grad = moe.router.weight.grad.clone()
+    router_grad = sharded.router.weight.grad.clone()
     torch.distributed.all_reduce(router_grad)       # the router is replicated: its gradient is summed over ranks
+    local = sharded.experts
     return {"y": (y.detach(), ref["y"][shard]), "x_grad": (x.grad, ref["x_grad"][shard]),
             "router": (router_grad, ref["router"]),
             **{n: (p.grad, ref[n][rank * E_local:(rank + 1) * E_local]) for n, p in local.named_parameters()},

@@ -16,7 +16,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import torch
 
@@ -159,23 +159,28 @@ def train_step(model: Transformer, opt: torch.optim.Optimizer, x: torch.Tensor, 
     return loss.detach(), aux.detach()
 
 
-def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    """``torch.save`` to a temporary file next to ``path``, fsync, then atomically rename it over ``path``.
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
+    """Call ``write(f)`` on a temporary file next to ``path``, fsync, then atomically rename it over ``path``.
 
-    A crash at any moment leaves either the previous checkpoint or the new one, never a torn file.
+    A crash at any moment leaves either the previous file or the new one, never a torn file.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    """``torch.save`` ``state`` to ``path`` atomically (:func:`atomic_write`)."""
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -205,11 +210,17 @@ def load_training_state(path: str | Path) -> dict[str, Any]:
     return state
 
 
+def model_from_state(state: dict[str, Any]) -> Transformer:
+    """The model a checkpoint's ``model_config`` describes, with its ``model`` weights loaded."""
+    model = Transformer(ModelConfig.from_dict(state["model_config"]))
+    model.load_state_dict(state["model"])
+    return model
+
+
 def restore(path: str | Path) -> tuple[Transformer, CharTokenizer, History]:
     """Rebuild the model, its tokenizer and its training history from a checkpoint written by :func:`train`."""
     state = load_training_state(path)
-    model = Transformer(ModelConfig.from_dict(state["model_config"]))
-    model.load_state_dict(state["model"])
+    model = model_from_state(state)
     return model, CharTokenizer(state["tokenizer"]), History.from_dict(state["history"])
 
 

@@ -25,9 +25,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -37,7 +35,8 @@ from ..analysis import domain_expert_information, routing_by_domain, top_expert_
 from ..config import ModelConfig
 from ..data import TextData, load_corpus
 from ..model import Transformer, flops_per_token, parameter_counts
-from ..train import History, TrainConfig, domain_losses, load_checkpoint, save_checkpoint, train
+from ..train import (History, TrainConfig, atomic_write, domain_losses, load_checkpoint, model_from_state,
+                     save_checkpoint, train)
 
 ROOT = Path(__file__).resolve().parents[3]
 RESULTS = ROOT / "data" / "results" / "moe_vs_dense.json"
@@ -135,20 +134,12 @@ def repeat_with_seeds(names: list[str], configs: dict[str, ModelConfig], steps: 
 
 def load_trained(path: Path = WEIGHTS) -> Transformer:
     """The trained model whose weights :func:`main` committed at ``path``, in eval mode."""
-    state = load_checkpoint(path)
-    model = Transformer(ModelConfig.from_dict(state["model_config"]))
-    model.load_state_dict(state["model"])
-    return model.eval()
+    return model_from_state(load_checkpoint(path)).eval()
 
 
 def write_json(path: Path, payload: dict) -> None:
-    """Write ``payload`` atomically: a temporary file in the same folder, then a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
+    """Write ``payload`` as indented JSON, atomically (:func:`moelab.train.atomic_write`)."""
+    atomic_write(path, lambda f: f.write((json.dumps(payload, indent=1) + "\n").encode("utf-8")))
 
 
 def main(argv: list[str] | None = None) -> None:
