@@ -76,7 +76,23 @@ def train_throughput_block(r: dict) -> str:
     return "\n".join(lines)
 
 
-BLOCKS = {"notebooks": notebooks_block, "moe_dispatch": moe_dispatch_block, "train_throughput": train_throughput_block}
+def expert_parallel_block(r: dict) -> str:
+    lines = ["| ranks | router bias on rank 0's experts | rows per rank, max / mean | ms per step (slowest rank) "
+             "| vs 1 rank | payload B/token (analytic) | off-rank B/token | time in all-to-all |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in r["rows"]:
+        lines.append(f"| {row['ranks']} | {row['skew']:g} | {row['rows_max_over_mean']:.2f} | {row['step_ms']:.1f} | "
+                     f"{row['relative_to_1_rank']:.2f}× | {row['payload_bytes_per_token']:,.0f} "
+                     f"({row['analytic_bytes_per_token']:,d}) | {row['off_rank_bytes_per_token']:,.0f} | "
+                     f"{row['comm_share']:.0%} |")
+    met = [t for t in r["targets"] if t["met"]]
+    lines += ["", f"Target: payload bytes per token equal to the analytic count on every number of ranks: "
+              f"{len(met)} of {len(r['targets'])} met. Measured on {r['cpu_count']} cores, one thread per rank."]
+    return "\n".join(lines)
+
+
+BLOCKS = {"notebooks": notebooks_block, "moe_dispatch": moe_dispatch_block, "train_throughput": train_throughput_block,
+          "expert_parallel": expert_parallel_block}
 
 
 def main() -> None:

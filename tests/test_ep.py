@@ -1,11 +1,15 @@
 """The expert-parallel all-to-all on real gloo ranks: uneven splits, empty sends, and its gradient."""
-import copy
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from moelab.dist import RankError, launch
 from moelab.ep import all_to_all, exchange_counts
+from moelab.experiments.expert_parallel import equivalence_rank, layer_config, layer_rank, toy_rank
 
 
 def rows_for(sender: int, receiver: int, world: int) -> int:
@@ -47,48 +51,12 @@ def test_splits_that_do_not_add_up_are_refused_on_the_rank():
         launch(bad_splits_rank, 2, timeout=60)
 
 
-def ep_rank(rank, world_size, n_experts, skew):
-    """Each rank: the same MoE as one process (same seed), its shard of the experts and of the tokens."""
-    from moelab.config import ModelConfig
-    from moelab.moe import MoE
-
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=16, block_size=8, n_layer=1, n_head=2, d_model=16, n_routed_experts=n_experts,
-                      top_k=2, d_expert=8, router="sigmoid")
-    moe = MoE(cfg)
-    if skew:                              # every token picks experts 0 and 1: the other ranks receive nothing
-        moe.router.bias[:2] = 100.0
-    x_all = torch.randn(world_size * 12, 16)
-    g_all = torch.randn_like(x_all)
-    # one process, all tokens, all experts
-    x_ref = x_all.clone().requires_grad_()
-    y_ref = moe(x_ref)
-    (y_ref * g_all).sum().backward()
-    ref = {"y": y_ref.detach(), "x_grad": x_ref.grad, "router": moe.router.weight.grad.clone(),
-           **{n: p.grad.clone() for n, p in moe.experts.named_parameters()}}
-    moe.zero_grad()
-    # expert parallel: this rank's 12 tokens, its n_experts / world_size experts
-    E_local = n_experts // world_size
-    sharded = copy.deepcopy(moe)
-    sharded.shard_experts()
-    shard = slice(rank * 12, (rank + 1) * 12)
-    x = x_all[shard].clone().requires_grad_()
-    y = sharded(x)
-    (y * g_all[shard]).sum().backward()
-    router_grad = sharded.router.weight.grad.clone()
-    torch.distributed.all_reduce(router_grad)       # the router is replicated: its gradient is summed over ranks
-    local = sharded.experts
-    return {"y": (y.detach(), ref["y"][shard]), "x_grad": (x.grad, ref["x_grad"][shard]),
-            "router": (router_grad, ref["router"]),
-            **{n: (p.grad, ref[n][rank * E_local:(rank + 1) * E_local]) for n, p in local.named_parameters()},
-            "received": int(((moe.router(x_all).indices // E_local) == rank).sum())}
-
-
-@pytest.mark.parametrize("world, n_experts, skew", [(2, 4, False), (4, 8, False), (2, 4, True)])
+@pytest.mark.parametrize("world, n_experts, skew", [(2, 4, 0.0), (4, 8, 0.0), (2, 4, 100.0)])
 def test_expert_parallel_equals_one_process_in_outputs_and_all_gradients(world, n_experts, skew):
-    for rank, checks in enumerate(launch(ep_rank, world, args=(n_experts, skew), timeout=60)):
+    cfg = layer_config(d_model=16, n_experts=n_experts, top_k=2, d_expert=8)
+    for rank, checks in enumerate(launch(equivalence_rank, world, args=(cfg, 12, skew), timeout=60)):
         received = checks.pop("received")
-        assert (received == 0) == (skew and rank > 0)       # with the skew, rank 1 gets no rows at all
+        assert (received == 0) == (skew > 0 and rank > 0)    # with the skew, rank 1 gets no rows at all
         for name, (got, expected) in checks.items():
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6, msg=lambda m: f"rank {rank} {name}: {m}")
 
@@ -132,3 +100,51 @@ def test_data_and_expert_parallel_training_equals_one_process(world):
         assert any(".experts." in name for name in state) and any("router.bias" in name for name in state)
         for name, (got, expected) in state.items():
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5, msg=lambda m: f"rank {rank} {name}: {m}")
+
+
+def test_the_toy_all_to_all_delivers_each_token_to_its_experts_rank():
+    results = launch(toy_rank, 2, timeout=60)
+    for rank, r in enumerate(results):
+        # token t of rank s chose expert (t + s) % 4, held by rank ((t + s) % 4) // 2; rows arrive by sender
+        expected = [10 * s + t for s in range(2) for t in sorted(range(4), key=lambda t: (t + s) % 4)
+                    if ((t + s) % 4) // 2 == rank]
+        assert r["received"] == expected
+        assert r["recv"] == [results[s]["send"][rank] for s in range(2)]
+
+
+@pytest.mark.parametrize("world, skew", [(2, 0.0), (4, 0.0), (2, 2.0)])
+def test_timeline_counts_the_bytes_of_every_all_to_all_and_the_rows_of_every_expert(world, skew):
+    cfg = layer_config(d_model=16, n_experts=8, top_k=2, d_expert=8)
+    tokens, row_bytes = 24, 16 * 4                                   # fp32 rows of d_model values
+    results = launch(layer_rank, world, args=(cfg, tokens, 1, 0, skew), timeout=60)
+    steps = [r["events"][0] for r in results]
+    phases = [[e["phase"] for e in events] for events in steps]
+    assert all(p == ["route", "dispatch", "expert", "combine", "combine backward", "expert backward",
+                     "dispatch backward"] for p in phases)
+    by_phase = [{e["phase"]: e for e in events} for events in steps]
+    for rank, ev in enumerate(by_phase):
+        d, c = ev["dispatch"], ev["combine"]
+        # every (token, expert) pair leaves once as a row of d_model values: tokens·k·d_model·4 bytes each way
+        assert d["sent"] + d["local"] == tokens * cfg.top_k * row_bytes
+        assert (c["sent"], c["received"], c["local"]) == (d["received"], d["sent"], d["local"])
+        assert (ev["combine backward"]["sent"], ev["dispatch backward"]["sent"]) == (d["sent"], d["received"])
+        assert ev["expert"]["rows"] == ev["expert backward"]["rows"] == (d["received"] + d["local"]) // row_bytes
+        assert all(e["start"] <= e["end"] for e in steps[rank])
+        assert ev["dispatch"]["comm"] > 0 and ev["expert"]["comm"] == 0
+    assert sum(ev["dispatch"]["sent"] for ev in by_phase) == sum(ev["dispatch"]["received"] for ev in by_phase)
+    rows = [ev["expert"]["rows"] for ev in by_phase]
+    assert sum(rows) == world * tokens * cfg.top_k
+    if skew:
+        assert rows[0] > 1.5 * max(rows[1:])                         # rank 0's experts get the extra load
+
+
+def test_the_expert_parallel_layer_runs_under_torchrun_with_the_same_rank_function():
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "moelab.dist", "moelab.experiments.expert_parallel:summary_rank", "64", "1"],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    line = done.stdout.strip().splitlines()[-1]
+    assert line.startswith("2 ranks × 64 tokens: ") and "dispatch payload 2048 B per token" in line  # k·d·4
+    rows = json.loads(line.split("expert rows per rank ")[1])
+    assert len(rows) == 2 and sum(rows) == 2 * 64 * 2

@@ -44,12 +44,22 @@ def test_moe_dispatch_table_quotes_benchmarks_results():
 
 def test_train_throughput_table_quotes_benchmarks_results():
     results = json.loads((ROOT / "benchmarks" / "results" / "train_throughput.json").read_text(encoding="utf-8"))
-    section = README[README.index("## MoE training speed"):README.index("## Other commands")]
+    section = README[README.index("## MoE training speed"):README.index("## Expert parallelism (measured)")]
     assert {row["model"] for row in results["rows"]} == {"dense", "coarse", "fine"}
     for row in results["rows"]:
         assert f"| {row['tokens_per_second']:,d} | {row['relative_to_dense']:.2f}× |" in section, row["model"]
     (t,) = results["targets"]
     assert f"measured {t['value']:.2f}: {'met' if t['met'] else 'missed'}" in section
+
+
+def test_expert_parallel_table_quotes_benchmarks_results():
+    results = json.loads((ROOT / "benchmarks" / "results" / "expert_parallel.json").read_text(encoding="utf-8"))
+    section = README[README.index("## Expert parallelism (measured)"):README.index("## Other commands")]
+    assert {row["ranks"] for row in results["rows"]} == {1, 2, 4}
+    for row in results["rows"]:
+        assert row["payload_bytes_per_token"] == row["analytic_bytes_per_token"], row
+        assert f"| {row['step_ms']:.1f} | {row['relative_to_1_rank']:.2f}× |" in section, row
+    assert all(t["met"] for t in results["targets"]) and len(results["targets"]) == 3
 
 
 def test_generated_blocks_equal_what_the_report_script_renders_from_the_results():

@@ -71,3 +71,30 @@ def test_color_by_expert_colours_each_character_and_escapes_html():
     page = color_by_expert("<a\n", [0, 1, 2], 3)
     assert page.count("<span") == 3 and "&lt;" in page and "⏎" in page
     assert f'title="expert 1" style="background:{colors[1]}' in page
+
+
+def test_plot_timeline_draws_one_row_per_rank_and_one_bar_per_phase():
+    from moelab.timeline import Event
+    from moelab.viz import plot_timeline
+
+    ranks = [[Event("dispatch", 0.0, 0.002), Event("expert", 0.002, 0.010)],
+             [{"phase": "dispatch", "start": 0.0, "end": 0.001, "sent": 0, "received": 0, "local": 0, "rows": 0,
+               "comm": 0.0}, {"phase": "custom", "start": 0.001, "end": 0.003}]]
+    ax = plot_timeline(ranks, title="t")
+    bars = ax.collections
+    assert len(bars) == 4
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["rank 0", "rank 1"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["dispatch", "expert", "custom"]
+    x, width = bars[1].get_paths()[0].vertices[[0, 2], 0]
+    assert abs(x - 2.0) < 1e-9 and abs(width - 10.0) < 1e-9        # milliseconds
+
+
+def test_plot_all_to_all_sends_each_row_to_its_rank_in_sender_order():
+    from moelab.viz import plot_all_to_all
+
+    ax = plot_all_to_all([["a", "b", "c"], ["d", "e"]], [[1, 2], [1, 1]])
+    arrows = [t for t in ax.texts if type(t).__name__ == "Annotation"]
+    labels = [t.get_text() for t in ax.texts if t not in arrows and not t.get_text().startswith("rank")]
+    # senders' rows, then receivers' rows: rank 0 gets a (from 0) and d (from 1); rank 1 gets b, c, e
+    assert labels == ["a", "b", "c", "a", "d", "d", "e", "b", "c", "e"]
+    assert len(arrows) == 5

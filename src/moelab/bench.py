@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
-OPS = {"<=": operator.le, "<": operator.lt, ">=": operator.ge, ">": operator.gt}
+OPS = {"<=": operator.le, "<": operator.lt, ">=": operator.ge, ">": operator.gt, "==": operator.eq}
 
 
 def steady_allocator() -> bool:

@@ -86,8 +86,11 @@ def _sorted(x: torch.Tensor, token: torch.Tensor, expert: torch.Tensor, weight: 
     return combine(x, token, out * weight[:, None])
 
 
-def _grouped(x: torch.Tensor, token: torch.Tensor, expert: torch.Tensor, weight: torch.Tensor,
-             experts: Experts) -> torch.Tensor:
+def grouped_experts(x: torch.Tensor, token: torch.Tensor, expert: torch.Tensor, weight: torch.Tensor,
+                    experts: Experts) -> torch.Tensor:
+    """``y[t] = Σ weight · experts[expert](x[t])`` over the assignments ``(token, expert, weight)``, with one
+    grouped matmul per weight matrix (or one matmul per expert where grouped matmuls are not supported).
+    The expert-parallel layer calls it on the rows it received (:func:`moelab.ep.expert_parallel`)."""
     if not grouped_mm_supported(x, experts):
         return _sorted(x, token, expert, weight, experts)
     order, offsets = permute(token, expert, experts.n_experts)
@@ -100,7 +103,7 @@ def sorted_dispatch(x: torch.Tensor, routing: Routing, experts: Experts) -> tupl
 
 
 def grouped_dispatch(x: torch.Tensor, routing: Routing, experts: Experts) -> tuple[torch.Tensor, torch.Tensor]:
-    return _grouped(x, *assignments(routing), experts), torch.ones_like(routing.indices, dtype=torch.bool)
+    return grouped_experts(x, *assignments(routing), experts), torch.ones_like(routing.indices, dtype=torch.bool)
 
 
 def expert_capacity(n_tokens: int, top_k: int, n_experts: int, capacity_factor: float) -> int:
@@ -129,7 +132,7 @@ def capacity_dispatch(x: torch.Tensor, routing: Routing, experts: Experts,
                          expert_capacity(T, k, experts.n_experts, capacity_factor))
     token, expert, weight = assignments(routing)
     keep = kept.flatten()
-    return _grouped(x, token[keep], expert[keep], weight[keep], experts), kept
+    return grouped_experts(x, token[keep], expert[keep], weight[keep], experts), kept
 
 
 def capacity_report(indices: torch.Tensor, n_experts: int, capacity_factor: float) -> dict:

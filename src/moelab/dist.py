@@ -107,7 +107,8 @@ def _rank_main(fn: RankFn, rank: int, world_size: int, args: tuple, port: int, b
 
 
 def _stop(processes: list) -> None:
-    """Terminate, then kill, every process still alive; reap them all."""
+    """Terminate, then kill, every process still alive; reap them all (those that were started)."""
+    processes = [p for p in processes if p.pid is not None]
     for p in processes:
         if p.is_alive():
             p.terminate()

@@ -9,14 +9,16 @@ gradients back, which is again an all-to-all with the splits swapped, so an expe
 """
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Sequence
 
 import torch
 import torch.distributed as dist
 
-from .dispatch import _grouped, assignments, combine, permute
+from .dispatch import assignments, combine, grouped_experts, permute
 from .ffn import Experts
 from .router import Routing
+from .timeline import Event, Timeline, backward_phase, collective, phase
 
 if TYPE_CHECKING:
     from .model import Transformer
@@ -34,25 +36,41 @@ def exchange_counts(send_counts: torch.Tensor, group: dist.ProcessGroup | None =
     return recv_counts
 
 
+def count_bytes(event: Event, x: torch.Tensor, send_splits: list[int], recv_splits: list[int], group) -> None:
+    """Add the payload of one all-to-all of rows like ``x`` to ``event``: bytes to other ranks (``sent``), from
+    other ranks (``received``) and kept on this rank (``local``)."""
+    row = math.prod(x.shape[1:]) * x.element_size()
+    rank = dist.get_rank(group)
+    event.sent += row * (sum(send_splits) - send_splits[rank])
+    event.received += row * (sum(recv_splits) - recv_splits[rank])
+    event.local += row * send_splits[rank]
+
+
 class _AllToAll(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, send_splits: list[int], recv_splits: list[int], group) -> torch.Tensor:
-        ctx.send_splits, ctx.recv_splits, ctx.group = send_splits, recv_splits, group
+    def forward(ctx, x: torch.Tensor, send_splits: list[int], recv_splits: list[int], group,
+                timeline: Timeline | None, name: str) -> torch.Tensor:
+        ctx.send_splits, ctx.recv_splits, ctx.group, ctx.timeline, ctx.name = send_splits, recv_splits, group, \
+            timeline, name
         out = x.new_empty((sum(recv_splits), *x.shape[1:]))
         dist.all_to_all_single(out, x.contiguous(), recv_splits, send_splits, group=group)
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        grad_x = grad.new_empty((sum(ctx.send_splits), *grad.shape[1:]))
-        dist.all_to_all_single(grad_x, grad.contiguous(), ctx.send_splits, ctx.recv_splits, group=ctx.group)
-        return grad_x, None, None, None
+        with phase(ctx.timeline, f"{ctx.name} backward") as event, collective(ctx.timeline, event):
+            grad_x = grad.new_empty((sum(ctx.send_splits), *grad.shape[1:]))
+            dist.all_to_all_single(grad_x, grad.contiguous(), ctx.send_splits, ctx.recv_splits, group=ctx.group)
+            count_bytes(event, grad, ctx.recv_splits, ctx.send_splits, ctx.group)
+        return grad_x, None, None, None, None, None
 
 
 def all_to_all(x: torch.Tensor, send_splits: Sequence[int], recv_splits: Sequence[int],
-               group: dist.ProcessGroup | None = None) -> torch.Tensor:
+               group: dist.ProcessGroup | None = None, timeline: Timeline | None = None,
+               name: str = "all-to-all") -> torch.Tensor:
     """Send the first ``send_splits[0]`` rows of ``x`` to rank 0, the next ``send_splits[1]`` to rank 1, …; return
-    the rows received, ``recv_splits[j]`` of them from rank ``j``, in rank order. Differentiable."""
+    the rows received, ``recv_splits[j]`` of them from rank ``j``, in rank order. Differentiable: the backward
+    pass is the same exchange with the splits swapped, recorded on ``timeline`` as phase ``"<name> backward"``."""
     send_splits, recv_splits = [int(n) for n in send_splits], [int(n) for n in recv_splits]
     world = dist.get_world_size(group)
     if len(send_splits) != world or len(recv_splits) != world:
@@ -60,75 +78,101 @@ def all_to_all(x: torch.Tensor, send_splits: Sequence[int], recv_splits: Sequenc
                          f"allowed: {world} each, one per rank")
     if sum(send_splits) != x.shape[0]:
         raise ValueError(f"send_splits add up to {sum(send_splits)} rows but x has {x.shape[0]}; allowed: equal")
-    return _AllToAll.apply(x, send_splits, recv_splits, group)
+    return _AllToAll.apply(x, send_splits, recv_splits, group, timeline, name)
 
 
 def expert_parallel(x: torch.Tensor, routing: Routing, local_experts: Experts, n_experts: int,
-                    group: dist.ProcessGroup | None = None) -> torch.Tensor:
+                    group: dist.ProcessGroup | None = None, timeline: Timeline | None = None) -> torch.Tensor:
     """The routed experts' output for this rank's rows ``x`` ``(N, d_model)``, when the ``n_experts`` experts are
     sharded over the ranks in order: rank ``r`` holds experts ``r·E_local … (r+1)·E_local − 1`` as
     ``local_experts``. Equal to the single-process grouped dispatch with all experts (GShard's dispatch/combine).
 
-    1. Sort this rank's (token, expert) assignments by expert: rows for rank 0's experts come first, then rank 1's.
-    2. Exchange how many rows each rank sends to each local expert (:func:`exchange_counts`).
-    3. :func:`all_to_all` the token rows; each rank now holds every rank's rows for its own experts.
-    4. Run the local experts on them (grouped matmuls, as in one process).
-    5. :func:`all_to_all` the outputs back, and add them into their tokens with the routing weights — applied
-       here, on the token's own rank, so the router's gradient never travels.
+    1. *dispatch*: sort this rank's (token, expert) assignments by expert, so that rows for rank 0's experts come
+       first, then rank 1's; exchange how many rows each rank sends to each local expert
+       (:func:`exchange_counts`); :func:`all_to_all` the token rows. Each rank now holds every rank's rows for
+       its own experts.
+    2. *expert*: run the local experts on them (grouped matmuls, as in one process).
+    3. *combine*: :func:`all_to_all` the outputs back, and add them into their tokens with the routing weights —
+       applied here, on the token's own rank, so the router's gradient never travels.
+
+    With a ``timeline``, the three phases are recorded with their bytes (``N·k`` rows of ``d_model`` values
+    leave in dispatch and come back in combine, the same again for the gradients in backward) and the rows each
+    rank's experts processed.
     """
     world, E_local = dist.get_world_size(group), local_experts.n_experts
     if E_local * world != n_experts:
         raise ValueError(f"local_experts holds {E_local} experts on each of {world} ranks, not n_experts = "
                          f"{n_experts}; allowed: n_experts divisible by the world size, E_local = n_experts / world")
-    token, expert, weight = assignments(routing)
-    order, _ = permute(token, expert, n_experts)
-    token, expert, weight = token[order], expert[order], weight[order]
-    send = torch.bincount(expert, minlength=n_experts).view(world, E_local)       # rows per (rank, local expert)
-    recv = exchange_counts(send, group)                                            # rows from (rank, local expert)
-    send_splits, recv_splits = send.sum(1).tolist(), recv.sum(1).tolist()
-    rows = all_to_all(x.index_select(0, token), send_splits, recv_splits, group)
+    with phase(timeline, "dispatch") as event:
+        token, expert, weight = assignments(routing)
+        order, _ = permute(token, expert, n_experts)
+        token, expert, weight = token[order], expert[order], weight[order]
+        send = torch.bincount(expert, minlength=n_experts).view(world, E_local)   # rows per (rank, local expert)
+        sent = x.index_select(0, token)
+        with collective(timeline, event):
+            recv = exchange_counts(send, group)                                    # rows from (rank, local expert)
+            send_splits, recv_splits = send.sum(1).tolist(), recv.sum(1).tolist()
+            rows = all_to_all(sent, send_splits, recv_splits, group, timeline, "dispatch")
+        count_bytes(event, sent, send_splits, recv_splits, group)
     local_expert = torch.arange(E_local, device=x.device).repeat(world).repeat_interleave(recv.flatten())
     positions = torch.arange(rows.shape[0], device=x.device)
-    if rows.shape[0]:
-        out = _grouped(rows, positions, local_expert, rows.new_ones(rows.shape[0]), local_experts)  # received order
-    else:                # nothing came: still give the experts a (zero) gradient, as one process would
-        out = local_experts.expert(0, rows)
-    back = all_to_all(out, recv_splits, send_splits, group)
-    return combine(x, token, back * weight[:, None])
+
+    def run_experts(rows: torch.Tensor) -> torch.Tensor:
+        if rows.shape[0]:
+            return grouped_experts(rows, positions, local_expert, rows.new_ones(rows.shape[0]), local_experts)
+        return local_experts.expert(0, rows)    # nothing came: the experts still get a (zero) gradient
+
+    with phase(timeline, "expert") as event:
+        event.rows = rows.shape[0]
+        out = backward_phase(timeline, Event("expert backward", rows=rows.shape[0]), rows, run_experts)
+    with phase(timeline, "combine") as event:
+        with collective(timeline, event):
+            back = all_to_all(out, recv_splits, send_splits, group, timeline, "combine")
+        count_bytes(event, out, recv_splits, send_splits, group)
+        y = combine(x, token, back * weight[:, None])
+    return y
 
 
 def train_step(model: Transformer, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, grad_clip: float,
-               group: dist.ProcessGroup | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               group: dist.ProcessGroup | None = None,
+               timeline: Timeline | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`moelab.train.train_step` with data and expert parallelism: every rank holds its own batch, the
     replicated parameters (embeddings, attention, norms, routers, shared experts) and its shard of each MoE
     layer's experts (:meth:`moelab.moe.MoE.shard_experts`).
 
     The loss to minimise is the mean of the ranks' losses. So every gradient is divided by the world size; a
     replicated parameter's gradient is first summed over the ranks (all-reduce), while an expert's gradient is
-    already complete on the one rank that holds it — its tokens came from every rank. Clipping uses the norm of
+    already complete on the one rank that holds it — its tokens came from every rank. All replicated gradients
+    travel in one flat buffer, one all-reduce per step, as DDP's gradient buckets do (Li et al. 2020): one
+    collective per tensor would pay each collective's latency dozens of times. Clipping uses the norm of
     the whole gradient, experts of all ranks included. With equal batches per rank, the step equals one process
     training on all the ranks' batches together (balancing losses that are means over sequences or tokens
-    included; the Switch loss, a product of batch means, is not split this way)."""
+    included; the Switch loss, a product of batch means, is not split this way). With a ``timeline``, the
+    gradient all-reduce is recorded as phase ``"all-reduce"`` (the MoE layers record their own phases if their
+    ``timeline`` is set)."""
     _, loss = model(x.to(model.device), y.to(model.device))
     aux = model.aux_loss
     opt.zero_grad(set_to_none=True)
     (loss + aux).backward()
     world = dist.get_world_size(group)
     sharded = {id(p) for moe in model.moe_layers for p in moe.experts.parameters()}
-    replicated_sq, sharded_sq = torch.zeros((), device=model.device), torch.zeros((), device=model.device)
     for p in model.parameters():
-        if p.grad is None:                       # a parameter this step did not reach: its gradient is zero
+        if p.grad is None:                           # a parameter this step did not reach: its gradient is zero
             p.grad = torch.zeros_like(p)
-        if id(p) in sharded:
-            p.grad /= world
-            sharded_sq += p.grad.pow(2).sum()
-        else:
-            dist.all_reduce(p.grad, group=group)
-            p.grad /= world
-            replicated_sq += p.grad.pow(2).sum()
+    replicated = [p for p in model.parameters() if id(p) not in sharded]
+    experts = [p for p in model.parameters() if id(p) in sharded]
+    for p in experts:
+        p.grad /= world
+    sharded_sq = sum((p.grad.pow(2).sum() for p in experts), torch.zeros((), device=model.device))
+    # one all-reduce for every replicated gradient and the experts' squared norm (DDP's buckets, in one bucket)
+    flat = torch.cat([p.grad.flatten() for p in replicated] + [sharded_sq[None]])
+    with phase(timeline, "all-reduce") as event, collective(timeline, event):
+        dist.all_reduce(flat, group=group)
+    grads, sharded_sq = flat[:-1] / world, flat[-1]
+    for p, g in zip(replicated, grads.split([p.numel() for p in replicated])):
+        p.grad.copy_(g.view_as(p))
     if grad_clip > 0:
-        dist.all_reduce(sharded_sq, group=group)
-        norm = (replicated_sq + sharded_sq).sqrt()
+        norm = (grads.pow(2).sum() + sharded_sq).sqrt()
         scale = (grad_clip / (norm + 1e-6)).clamp(max=1.0)            # as torch.nn.utils.clip_grad_norm_
         for p in model.parameters():
             p.grad.mul_(scale)

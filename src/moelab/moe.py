@@ -17,6 +17,7 @@ from .dispatch import DROPLESS, capacity_dispatch
 from .ep import expert_parallel
 from .ffn import Experts, SwiGLU
 from .router import SigmoidRouter, SoftmaxRouter
+from .timeline import Timeline, phase
 
 ROUTER_CLASSES = {"softmax": SoftmaxRouter, "sigmoid": SigmoidRouter}   # the names of config.ROUTERS
 
@@ -28,7 +29,9 @@ class MoE(nn.Module):
     ``indices`` the experts each token chose ``(…, k)``, best first, ``counts`` how many assignments chose each
     expert ``(E,)`` (before any capacity drop) and ``dropped`` the fraction of assignments capacity dispatch
     dropped. In training, counts accumulate until
-    :meth:`after_step` applies the aux-loss-free bias update (if ``bias_update_speed > 0``).
+    :meth:`after_step` applies the aux-loss-free bias update (if ``bias_update_speed > 0``). Set ``timeline`` to
+    a :class:`~moelab.timeline.Timeline` to record the route phase (and, with expert parallelism, the dispatch,
+    expert and combine phases with their bytes) of every forward and backward pass.
 
     Capacity dispatch applies in training only. It is not causal (a later token can take an earlier token's
     place in an expert), so evaluation and generation run the dropless grouped path, as Switch-style models can
@@ -49,6 +52,7 @@ class MoE(nn.Module):
         self.kept = torch.ones(0, c.top_k, dtype=torch.bool)
         self.indices = torch.zeros(0, c.top_k, dtype=torch.long)
         self.expert_parallel, self.ep_group = False, None
+        self.timeline: Timeline | None = None
 
     @torch.no_grad()
     def shard_experts(self, group: dist.ProcessGroup | None = None) -> None:
@@ -79,9 +83,10 @@ class MoE(nn.Module):
         if rows.shape[0] == 0 and not self.expert_parallel:       # with EP, still join the all-to-alls
             self.aux_loss = torch.zeros((), device=x.device)
             return torch.zeros_like(x)
-        routing = self.router(rows)
+        with phase(self.timeline, "route"):
+            routing = self.router(rows)
         if self.expert_parallel:
-            y = expert_parallel(rows, routing, self.experts, c.n_routed_experts, self.ep_group)
+            y = expert_parallel(rows, routing, self.experts, c.n_routed_experts, self.ep_group, self.timeline)
             self.kept = torch.ones_like(routing.indices, dtype=torch.bool)
         elif c.dispatch == "capacity" and self.training:
             y, self.kept = capacity_dispatch(rows, routing, self.experts, c.capacity_factor)

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from matplotlib.axes import Axes
 
+from .timeline import Event
 from .train import History
 
 
@@ -125,3 +126,67 @@ def color_by_expert(text: str, experts: Sequence[int], n_experts: int) -> str:
         f'<span title="expert {e}" style="background:{colors[e]};padding:1px 0">'
         f'{html.escape(ch) if ch != chr(10) else "⏎"}</span>' for ch, e in zip(text, experts))
     return f'<div style="font-family:monospace;font-size:14px;line-height:1.8">{spans}</div>'
+
+
+PHASE_COLORS = {"route": "tab:purple", "dispatch": "tab:blue", "expert": "tab:green", "combine": "tab:orange",
+                "combine backward": "navajowhite", "expert backward": "lightgreen", "dispatch backward": "lightblue",
+                "all-reduce": "tab:red"}
+
+
+def plot_timeline(timelines: Sequence[Sequence[Event | dict]], ax: Axes | None = None, title: str = "") -> Axes:
+    """One row per rank, one bar per phase (:class:`moelab.timeline.Event`, or its dict), in milliseconds since
+    the ranks' common start — the view of a trace viewer. Phases not in :data:`PHASE_COLORS` are grey."""
+    ax = _axes(ax, (8.0, 0.6 + 0.55 * len(timelines)))
+    seen: dict[str, str] = {}
+    for rank, events in enumerate(timelines):
+        for e in events:
+            e = e if isinstance(e, Event) else Event(**e)
+            color = PHASE_COLORS.get(e.phase, "grey")
+            ax.broken_barh([(1e3 * e.start, 1e3 * e.seconds)], (rank - 0.4, 0.8), color=color, edgecolor="black",
+                           linewidth=0.3, label=None if e.phase in seen else e.phase)
+            seen[e.phase] = color
+    ax.set_yticks(range(len(timelines)), [f"rank {r}" for r in range(len(timelines))])
+    ax.set_ylim(len(timelines) - 0.5, -0.5)
+    ax.set(xlabel="time since the step started (ms)", title=title)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    ax.grid(axis="x", alpha=0.3)
+    return ax
+
+
+def plot_all_to_all(sent: Sequence[Sequence[int]], splits: Sequence[Sequence[int]], ax: Axes | None = None,
+                    title: str = "") -> Axes:
+    """An all-to-all drawn by hand: rank ``r``'s send buffer ``sent[r]`` (row labels) on the left, cut into
+    ``splits[r][j]`` rows for rank ``j``; the receive buffers on the right, filled in rank order; an arrow per row,
+    coloured by the receiving rank."""
+    world = len(sent)
+    ax = _axes(ax, (6.0, 1.0 + 1.1 * sum(len(s) for s in sent) / world))
+    colors = [plt.get_cmap("tab10")(j) for j in range(world)]
+    received: list[list[tuple[int, int, int]]] = [[] for _ in range(world)]   # (label, from rank, row)
+    height = max(len(s) for s in sent) + 1
+    for r in range(world):
+        row = 0
+        for j, n in enumerate(splits[r]):
+            for _ in range(n):
+                received[j].append((sent[r][row], r, row))
+                row += 1
+    for r in range(world):
+        top = r * height
+        ax.text(-0.1, top - 0.9, f"rank {r} sends", fontsize=9, ha="center")
+        ax.text(2.1, top - 0.9, f"rank {r} receives", fontsize=9, ha="center")
+        row = 0
+        for j, n in enumerate(splits[r]):
+            for _ in range(n):
+                ax.text(-0.1, top + row, str(sent[r][row]), ha="center", va="center", fontsize=9,
+                        bbox=dict(boxstyle="square", fc=colors[j], alpha=0.35))
+                row += 1
+        # rows arrive grouped by sender, in rank order (what all_to_all_single returns)
+        for i, (label, src, src_row) in enumerate(sorted(received[r], key=lambda t: t[1])):
+            ax.text(2.1, top + i, str(label), ha="center", va="center", fontsize=9,
+                    bbox=dict(boxstyle="square", fc=colors[r], alpha=0.35))
+            ax.annotate("", xy=(1.85, top + i), xytext=(0.15, src * height + src_row),
+                        arrowprops=dict(arrowstyle="->", color=colors[r], lw=1))
+    ax.set_xlim(-0.6, 2.6)
+    ax.set_ylim(world * height - 0.5, -1.5)
+    ax.axis("off")
+    ax.set_title(title)
+    return ax
