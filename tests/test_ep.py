@@ -30,7 +30,7 @@ def exchange_rank(rank, world_size):
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_all_to_all_moves_uneven_rows_and_its_gradient_comes_back(world):
-    for rank, (recv, y, grad) in enumerate(launch(exchange_rank, world, timeout=60)):
+    for rank, (recv, y, grad) in enumerate(launch(exchange_rank, world, backend="gloo", timeout=60)):
         assert recv == [rows_for(j, rank, world) for j in range(world)]
         expected = torch.cat([torch.tensor([1000.0 * j + 10 * rank + i for i in range(rows_for(j, rank, world))])
                               for j in range(world)])
@@ -48,13 +48,13 @@ def bad_splits_rank(rank, world_size):
 
 def test_splits_that_do_not_add_up_are_refused_on_the_rank():
     with pytest.raises(RankError, match="send_splits add up to 2 rows but x has 3; allowed: equal"):
-        launch(bad_splits_rank, 2, timeout=60)
+        launch(bad_splits_rank, 2, backend="gloo", timeout=60)
 
 
 @pytest.mark.parametrize("world, n_experts, skew", [(2, 4, 0.0), (4, 8, 0.0), (2, 4, 100.0)])
 def test_expert_parallel_equals_one_process_in_outputs_and_all_gradients(world, n_experts, skew):
     cfg = layer_config(d_model=16, n_experts=n_experts, top_k=2, d_expert=8)
-    for rank, checks in enumerate(launch(equivalence_rank, world, args=(cfg, 12, skew), timeout=60)):
+    for rank, checks in enumerate(launch(equivalence_rank, world, args=(cfg, 12, skew), backend="gloo", timeout=60)):
         received = checks.pop("received")
         assert (received == 0) == (skew > 0 and rank > 0)    # with the skew, rank 1 gets no rows at all
         for name, (got, expected) in checks.items():
@@ -96,14 +96,14 @@ def dp_ep_rank(rank, world_size, steps):
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_data_and_expert_parallel_training_equals_one_process(world):
-    for rank, state in enumerate(launch(dp_ep_rank, world, args=(3,), timeout=120)):
+    for rank, state in enumerate(launch(dp_ep_rank, world, args=(3,), backend="gloo", timeout=120)):
         assert any(".experts." in name for name in state) and any("router.bias" in name for name in state)
         for name, (got, expected) in state.items():
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5, msg=lambda m: f"rank {rank} {name}: {m}")
 
 
 def test_the_toy_all_to_all_delivers_each_token_to_its_experts_rank():
-    results = launch(toy_rank, 2, timeout=60)
+    results = launch(toy_rank, 2, backend="gloo", timeout=60)
     for rank, r in enumerate(results):
         # token t of rank s chose expert (t + s) % 4, held by rank ((t + s) % 4) // 2; rows arrive by sender
         expected = [10 * s + t for s in range(2) for t in sorted(range(4), key=lambda t: (t + s) % 4)
@@ -116,7 +116,7 @@ def test_the_toy_all_to_all_delivers_each_token_to_its_experts_rank():
 def test_timeline_counts_the_bytes_of_every_all_to_all_and_the_rows_of_every_expert(world, skew):
     cfg = layer_config(d_model=16, n_experts=8, top_k=2, d_expert=8)
     tokens, row_bytes = 24, 16 * 4                                   # fp32 rows of d_model values
-    results = launch(layer_rank, world, args=(cfg, tokens, 1, 0, skew), timeout=60)
+    results = launch(layer_rank, world, args=(cfg, tokens, 1, 0, skew), backend="gloo", timeout=60)
     steps = [r["events"][0] for r in results]
     phases = [[e["phase"] for e in events] for events in steps]
     assert all(p == ["route", "dispatch", "expert", "combine", "combine backward", "expert backward",
@@ -148,3 +148,31 @@ def test_the_expert_parallel_layer_runs_under_torchrun_with_the_same_rank_functi
     assert line.startswith("2 ranks × 64 tokens: ") and "dispatch payload 2048 B per token" in line  # k·d·4
     rows = json.loads(line.split("expert rows per rank ")[1])
     assert len(rows) == 2 and sum(rows) == 2 * 64 * 2
+
+
+def unsharded_step_rank(rank, world_size):
+    from moelab import ep, train
+    from moelab.config import ModelConfig
+    from moelab.model import Transformer
+
+    cfg = ModelConfig(vocab_size=8, block_size=4, n_layer=2, n_head=1, d_model=8, n_routed_experts=2, top_k=1,
+                      first_k_dense=1)
+    model = Transformer(cfg)
+    opt = train.make_optimizer(model, train.TrainConfig())
+    x = torch.zeros(1, 4, dtype=torch.long)
+    ep.train_step(model, opt, x, x, grad_clip=1.0)
+
+
+def test_train_step_refuses_a_model_whose_experts_are_not_sharded():
+    with pytest.raises(RankError, match=r"MoE layers \[0\] .* hold all their experts; allowed: every MoE layer "
+                                        r"sharded with MoE.shard_experts"):
+        launch(unsharded_step_rank, 2, backend="gloo", timeout=60)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs (NCCL)")
+def test_expert_parallel_equals_one_process_on_two_gpus_with_nccl():
+    cfg = layer_config(d_model=16, n_experts=4, top_k=2, d_expert=8)
+    for rank, checks in enumerate(launch(equivalence_rank, 2, args=(cfg, 12), backend="nccl", timeout=120)):
+        checks.pop("received")
+        for name, (got, expected) in checks.items():
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5, msg=lambda m: f"rank {rank} {name}: {m}")

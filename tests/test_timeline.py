@@ -3,7 +3,8 @@ import time
 
 import torch
 
-from moelab.timeline import Event, Timeline, backward_phase, collective, phase
+from moelab.dist import launch
+from moelab.timeline import Event, Timeline, backward_phase, collective, phase, start_together
 
 
 def test_phases_are_recorded_in_order_with_their_counts_and_totals():
@@ -55,3 +56,17 @@ def test_backward_phase_times_the_backward_pass_between_its_markers():
     with torch.no_grad():                                    # no graph: just the function
         backward_phase(tl, Event("expert backward"), x, slow_matmul)
     assert len(tl.events) == 1
+
+
+def together_rank(rank, world_size):
+    tl = Timeline()
+    start_together(tl)
+    with tl.phase("work"):
+        pass
+    return tl.t0, tl.events[0].start, tl.now()
+
+
+def test_start_together_gives_every_rank_on_one_machine_the_same_time_zero():
+    results = launch(together_rank, 3, backend="gloo", timeout=60)
+    assert len({t0 for t0, _, _ in results}) == 1
+    assert all(0 <= start <= now for _, start, now in results)

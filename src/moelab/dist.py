@@ -54,9 +54,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def default_backend() -> str:
-    """NCCL when CUDA is available (one GPU per rank), gloo otherwise."""
-    return "nccl" if torch.cuda.is_available() else "gloo"
+def default_backend(world_size: int = 1) -> str:
+    """NCCL when there is a GPU for every one of the ``world_size`` ranks, gloo otherwise."""
+    return "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= world_size else "gloo"
+
+
+def rank_device(group: dist.ProcessGroup | None = None) -> torch.device:
+    """The device this rank computes on: its own GPU under NCCL (chosen by :func:`init_process_group`), the CPU
+    under gloo. Rank functions put their tensors and models there, so that one function runs on both."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def init_process_group(rank: int, world_size: int, backend: str, timeout: float) -> None:
@@ -79,8 +87,9 @@ def _check(fn: RankFn, world_size: int, backend: str, timeout: float) -> None:
         raise ValueError(f"world_size = {world_size!r} is not allowed; allowed: an integer >= 1")
     if backend not in ("gloo", "nccl"):
         raise ValueError(f"backend = {backend!r} is not allowed; allowed: 'gloo', 'nccl'")
-    if backend == "nccl" and torch.cuda.device_count() < 1:
-        raise ValueError("backend = 'nccl' needs CUDA GPUs and none is visible; allowed here: 'gloo'")
+    if backend == "nccl" and torch.cuda.device_count() < world_size:
+        raise ValueError(f"backend = 'nccl' needs a GPU per rank: {world_size} ranks, {torch.cuda.device_count()} "
+                         f"GPUs visible; allowed here: 'gloo'")
     if not timeout > 0:
         raise ValueError(f"timeout = {timeout!r} is not allowed; allowed: seconds > 0")
 
@@ -148,7 +157,7 @@ def launch(fn: RankFn, world_size: int, args: tuple = (), backend: str | None = 
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned processes in one process group and return
     the results in rank order. Raises :class:`RankError` if a rank raises (or dies), ``TimeoutError`` if the
     ranks are not all done after ``timeout`` seconds; no child process outlives the call."""
-    backend = backend or default_backend()
+    backend = backend or default_backend(world_size)
     _check(fn, world_size, backend, timeout)
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
@@ -179,7 +188,8 @@ def launch(fn: RankFn, world_size: int, args: tuple = (), backend: str | None = 
             status, rank, payload, printed[rank], _ = message
             if status == "error":
                 raise RankError(*_first_error(out, message))
-            results[rank] = torch.load(io.BytesIO(payload), weights_only=False)   # from our own child
+            # from our own child; GPU tensors come back to the CPU
+            results[rank] = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=False)
     finally:
         _stop(processes)
         out.close()
@@ -191,18 +201,18 @@ def main(argv: list[str] | None = None) -> None:
     """``torchrun --standalone --nproc-per-node N -m moelab.dist module:function [args...]``: run the rank function
     on every process torchrun started (string arguments passed through); rank 0 prints its result."""
     parser = argparse.ArgumentParser(description="Run a moelab rank function under torchrun.")
-    parser.add_argument("target", help="module:function, e.g. moelab.ep:demo")
+    parser.add_argument("target", help="module:function, e.g. moelab.experiments.expert_parallel:summary_rank")
     parser.add_argument("args", nargs="*", help="string arguments passed to the function after rank, world_size")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds for the rendezvous and collectives")
     args = parser.parse_args(argv)
     module, _, name = args.target.partition(":")
     if not name:
-        parser.error(f"target {args.target!r} is not allowed; allowed: module:function, e.g. moelab.ep:demo")
+        parser.error(f"target {args.target!r} is not allowed; allowed: module:function, e.g. moelab.experiments.expert_parallel:summary_rank")
     fn = getattr(importlib.import_module(module), name)
     if "RANK" not in os.environ:
         parser.error("RANK is not set: run this module under torchrun --standalone --nproc-per-node N")
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    backend = default_backend()
+    backend = default_backend(world_size)
     init_process_group(rank, world_size, backend, args.timeout)
     try:
         result = fn(rank, world_size, *args.args)

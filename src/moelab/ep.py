@@ -150,6 +150,10 @@ def train_step(model: Transformer, opt: torch.optim.Optimizer, x: torch.Tensor, 
     included; the Switch loss, a product of batch means, is not split this way). With a ``timeline``, the
     gradient all-reduce is recorded as phase ``"all-reduce"`` (the MoE layers record their own phases if their
     ``timeline`` is set)."""
+    unsharded = [i for i, moe in enumerate(model.moe_layers) if not moe.expert_parallel]
+    if unsharded:
+        raise ValueError(f"MoE layers {unsharded} (counting MoE layers from 0) hold all their experts; allowed: "
+                         f"every MoE layer sharded with MoE.shard_experts(group) before ep.train_step")
     _, loss = model(x.to(model.device), y.to(model.device))
     aux = model.aux_loss
     opt.zero_grad(set_to_none=True)

@@ -30,8 +30,9 @@ class MoE(nn.Module):
     expert ``(E,)`` (before any capacity drop) and ``dropped`` the fraction of assignments capacity dispatch
     dropped. In training, counts accumulate until
     :meth:`after_step` applies the aux-loss-free bias update (if ``bias_update_speed > 0``). Set ``timeline`` to
-    a :class:`~moelab.timeline.Timeline` to record the route phase (and, with expert parallelism, the dispatch,
-    expert and combine phases with their bytes) of every forward and backward pass.
+    a :class:`~moelab.timeline.Timeline` to record the route phase of every forward pass and, with expert
+    parallelism, the dispatch, expert and combine phases with their bytes, and in backward the combine, expert
+    and dispatch phases (the router's backward is not timed on its own).
 
     Capacity dispatch applies in training only. It is not causal (a later token can take an earlier token's
     place in an expert), so evaluation and generation run the dropless grouped path, as Switch-style models can

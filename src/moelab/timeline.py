@@ -1,25 +1,28 @@
 """Per-rank timelines: when each phase of a step ran on a rank, and how many bytes it moved.
 
-    tl = Timeline()                       # on every rank, after a barrier, so the ranks' clocks start together
+    tl = Timeline()
+    start_together(tl)                    # on every rank: one time zero for all of them
     with tl.phase("dispatch") as event:
         ...                               # the work
         event.sent += n_bytes             # what the phase sent to other ranks
     tl.events                             # [Event('dispatch', start, end, sent, received, local, rows)]
 
 A phase is timed with ``time.perf_counter`` (on CUDA after a ``torch.cuda.synchronize``, so that queued kernels
-count where they run). Ranks on one machine share that clock, and every rank starts its timeline right after a
-barrier, so the events of all ranks can be drawn on one time axis (:func:`moelab.viz.plot_timeline`), as
-Nsight Systems or the PyTorch profiler's trace view draw them. Time spent inside a collective includes the time
+count where they run). Processes on one machine read the same monotonic clock, so :func:`start_together` gives
+every rank the same time zero, and the events of all ranks can be drawn on one time axis
+(:func:`moelab.viz.plot_timeline`), as Nsight Systems or the PyTorch profiler's trace view draw them. Time spent inside a collective includes the time
 spent waiting for the slowest rank to get there: that wait is what load imbalance costs.
 """
 from __future__ import annotations
 
 import contextlib
+import socket
 import time
 from dataclasses import asdict, dataclass
 from typing import Iterator
 
 import torch
+import torch.distributed as dist
 
 
 @dataclass
@@ -51,15 +54,20 @@ class Timeline:
         self.events: list[Event] = []
         self.t0 = time.perf_counter()
 
-    def restart(self) -> None:
-        """Forget the events and start the clock again (call it on every rank right after a barrier)."""
+    def restart(self, t0: float | None = None) -> None:
+        """Forget the events and start the clock again: at ``t0`` (a ``time.perf_counter`` reading), or now."""
         self.events.clear()
         self._sync()
-        self.t0 = time.perf_counter()
+        self.t0 = time.perf_counter() if t0 is None else t0
 
     def _sync(self) -> None:
         if self.cuda:
             torch.cuda.synchronize()
+
+    def now(self) -> float:
+        """Seconds since the start (after the GPU's queued work, on CUDA)."""
+        self._sync()
+        return time.perf_counter() - self.t0
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[Event]:
@@ -107,8 +115,7 @@ class _BackwardMark(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        ctx.timeline._sync()
-        now = time.perf_counter() - ctx.timeline.t0
+        now = ctx.timeline.now()
         if ctx.at_input:
             ctx.event.end = now
             ctx.timeline.events.append(ctx.event)
@@ -124,6 +131,20 @@ def backward_phase(timeline: Timeline | None, event: Event, inputs: torch.Tensor
     if timeline is None or not torch.is_grad_enabled() or not inputs.requires_grad:
         return run(inputs)
     return _BackwardMark.apply(run(_BackwardMark.apply(inputs, timeline, event, True)), timeline, event, False)
+
+
+def start_together(timeline: Timeline, group: dist.ProcessGroup | None = None) -> None:
+    """Restart ``timeline`` on every rank of ``group`` with one common time zero. After a barrier, the ranks leave
+    it at slightly different moments (up to milliseconds when there are more ranks than cores), so each reads
+    the clock and they agree on the earliest reading: a rank the OS scheduled late then shows its delay as a gap.
+    That needs a clock they share, which ranks on one machine have; across machines each rank starts at its own
+    exit from the barrier instead."""
+    dist.barrier(group=group)
+    readings: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(readings, (socket.gethostname(), time.perf_counter()), group=group)
+    one_machine = len({host for host, _ in readings}) == 1
+    mine = readings[dist.get_rank(group)][1]
+    timeline.restart(min(t for _, t in readings) if one_machine else mine)
 
 
 def phase(timeline: Timeline | None, name: str) -> contextlib.AbstractContextManager[Event]:

@@ -2,7 +2,8 @@
 benchmarks/expert_parallel.py and tests/test_ep.py.
 
 Each ``*_rank`` function runs on every rank under :func:`moelab.dist.launch` (or ``torchrun``, see
-:mod:`moelab.dist`); they live in a module because spawned processes cannot import a notebook cell.
+:mod:`moelab.dist`); they live in a module because spawned processes cannot import a notebook cell. They compute
+on :func:`moelab.dist.rank_device`: the CPU under gloo, the rank's GPU under NCCL.
 
 - :func:`toy_rank`: the smallest all-to-all — two ranks, four tokens each, four experts — printed row by row.
 - :func:`equivalence_rank`: an expert-parallel MoE layer against the same layer in one process.
@@ -14,7 +15,6 @@ Each ``*_rank`` function runs on every rank under :func:`moelab.dist.launch` (or
 from __future__ import annotations
 
 import copy
-import time
 
 import torch
 import torch.distributed as dist
@@ -22,9 +22,10 @@ import torch.distributed as dist
 from .. import ep, train
 from ..config import ModelConfig
 from ..data import TextData, load_corpus
+from ..dist import rank_device
 from ..model import Transformer
 from ..moe import MoE
-from ..timeline import Timeline
+from ..timeline import Timeline, start_together
 
 
 def layer_config(d_model: int = 256, n_experts: int = 8, top_k: int = 2, d_expert: int = 512) -> ModelConfig:
@@ -45,8 +46,9 @@ def toy_rank(rank: int, world_size: int) -> dict:
     row ``[10·r + t]`` and chooses expert ``(t + r) % 4`` (top-1). Returns what this rank sent and received."""
     if world_size != 2:
         raise ValueError(f"world_size = {world_size}; allowed: 2 (the toy has four experts on two ranks)")
-    tokens = torch.tensor([[10.0 * rank + t] for t in range(4)])
-    expert = torch.tensor([(t + rank) % 4 for t in range(4)])
+    device = rank_device()
+    tokens = torch.tensor([[10.0 * rank + t] for t in range(4)], device=device)
+    expert = torch.tensor([(t + rank) % 4 for t in range(4)], device=device)
     order = torch.argsort(expert, stable=True)                 # rows for rank 0's experts first, then rank 1's
     send = torch.bincount(expert // 2, minlength=2)            # rows for each rank
     recv = ep.exchange_counts(send)
@@ -66,6 +68,8 @@ def equivalence_rank(rank: int, world_size: int, config: ModelConfig, tokens: in
     skew_towards_rank0(moe, skew, world_size)
     x_all = torch.randn(world_size * tokens, config.d_model)
     g_all = torch.randn_like(x_all)
+    device = rank_device()
+    moe, x_all, g_all = moe.to(device), x_all.to(device), g_all.to(device)
     x_ref = x_all.clone().requires_grad_()
     y_ref = moe(x_ref)                                          # one process: all tokens, all experts
     (y_ref * g_all).sum().backward()
@@ -91,23 +95,24 @@ def equivalence_rank(rank: int, world_size: int, config: ModelConfig, tokens: in
 def layer_rank(rank: int, world_size: int, config: ModelConfig, tokens: int, steps: int, warmup: int = 2,
                skew: float = 0.0, seed: int = 0) -> dict:
     """``warmup + steps`` forward and backward passes of an expert-parallel MoE layer on ``tokens`` rows per rank.
-    Every step starts after a barrier with a fresh timeline. Returns, for the last ``steps`` steps, this rank's
-    ``events`` (a list per step) and ``seconds`` (from the barrier to the end of backward)."""
+    Every step starts on a fresh timeline with the same time zero on all ranks (:func:`start_together`). Returns,
+    for the last ``steps`` steps, this rank's ``events`` (a list per step) and ``seconds`` (from time zero to the
+    end of this rank's backward)."""
     torch.manual_seed(seed)
+    device = rank_device()
     moe = MoE(config)
     skew_towards_rank0(moe, skew, world_size)
-    moe.shard_experts()
+    moe.to(device).shard_experts()
     g = torch.Generator().manual_seed(seed * 1000 + rank)
-    x = torch.randn(tokens, config.d_model, generator=g).requires_grad_()
-    grad = torch.randn(tokens, config.d_model, generator=g)
+    x = torch.randn(tokens, config.d_model, generator=g).to(device).requires_grad_()
+    grad = torch.randn(tokens, config.d_model, generator=g).to(device)
     moe.timeline = timeline = Timeline(cuda=x.is_cuda)
     events, seconds = [], []
     for step in range(warmup + steps):
-        dist.barrier()
-        timeline.restart()
+        start_together(timeline)
         (moe(x) * grad).sum().backward()
         if step >= warmup:
-            seconds.append(time.perf_counter() - timeline.t0)
+            seconds.append(timeline.now())
             events.append(timeline.to_list())
     return {"tokens": tokens, "events": events, "seconds": seconds}
 
@@ -141,7 +146,7 @@ def train_rank(rank: int, world_size: int, config: ModelConfig, cfg: train.Train
     Returns the loss per step (mean over ranks), the validation loss at the end, and the last step's timeline."""
     data = load_corpus()
     torch.manual_seed(cfg.seed)
-    model = Transformer(config)
+    model = Transformer(config).to(rank_device())
     for moe in model.moe_layers:
         moe.shard_experts()
     opt = train.make_optimizer(model, cfg)
@@ -155,10 +160,9 @@ def train_rank(rank: int, world_size: int, config: ModelConfig, cfg: train.Train
             group["lr"] = train.lr_at(step, cfg)
         x, y = rank_batch(data, step, rank, cfg.batch_size, config.block_size, cfg.seed)
         if last:
-            dist.barrier()
-            timeline.restart()
+            start_together(timeline)
         loss, _ = ep.train_step(model, opt, x, y, cfg.grad_clip, timeline=timeline if last else None)
-        dist.all_reduce(loss)
+        dist.all_reduce(loss)                       # for the record: the mean of the ranks' losses
         losses.append(loss.item() / world_size)
     for moe in model.moe_layers:
         moe.timeline = None
@@ -186,7 +190,8 @@ def summary_rank(rank: int, world_size: int, tokens: str = "2048", steps: str = 
 
         torchrun --standalone --nproc-per-node 4 -m moelab.dist moelab.experiments.expert_parallel:summary_rank 2048 5
 
-    Returns, on every rank, one line: median step time, payload bytes per token, and the rows per rank."""
+    Returns, on every rank, one line: the step time (the slowest rank's median), the dispatch payload per token,
+    and the rows each rank's experts processed."""
     result = layer_rank(rank, world_size, layer_config(), int(tokens), int(steps), skew=float(skew))
     first = {e["phase"]: e for e in result["events"][0]}
     mine = [sorted(result["seconds"])[len(result["seconds"]) // 2], first["expert"]["rows"],
