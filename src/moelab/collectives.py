@@ -1,0 +1,310 @@
+"""Collectives written by hand from point-to-point messages (``torch.distributed`` isend / irecv).
+
+Every algorithm here is a sequence of *rounds*; in a round each rank sends to and receives from a few peers at
+once (:func:`exchange`, one ``batch_isend_irecv``). That is all NCCL, gloo or MPI do underneath, and the
+algorithms are theirs:
+
+- **ring** reduce-scatter, all-gather and all-reduce (= reduce-scatter + all-gather; Patarasuk & Yuan 2009,
+  the bandwidth-optimal schedule NCCL's Ring uses): ``2(p−1)`` rounds, each rank sends ``2(p−1)/p`` of the buffer;
+- **recursive halving-doubling** all-reduce (Rabenseifner 2004; MPICH): ``2·lg p`` rounds, the same bytes — fewer
+  latencies for small buffers; non-powers of two first fold the extra ranks into a neighbour;
+- **binomial-tree** broadcast and reduce: ``⌈lg p⌉`` rounds of the whole buffer;
+- **pairwise-exchange** all-to-all with uneven splits (MPICH's ``alltoall_intra_pairwise``): ``p−1`` rounds,
+  in round ``s`` rank ``r`` sends to ``r+s`` and receives from ``r−s``;
+- **hierarchical** all-reduce and all-to-all for a :class:`~moelab.network.Topology` of nodes: do the heavy part
+  inside the nodes and cross the slow links with fewer, or fewer and larger, messages (Horovod's hierarchical
+  all-reduce; DeepSeek-V3 / DeepEP's two-hop dispatch).
+
+Each takes ``net`` (an emulated :class:`~moelab.network.Network`: slow links, bytes counted per link class) and
+``timeline`` (a :class:`~moelab.timeline.Timeline`: one event per round, with its bytes, for a Gantt chart).
+They run on the default process group, return new tensors and leave their inputs untouched. Built in
+notebooks/06_collectives.ipynb; tests/test_collectives.py checks each against torch.distributed's built-in.
+"""
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+from .network import Network, Topology
+from .timeline import Timeline, phase
+
+Message = tuple[int, torch.Tensor]                      # (peer rank, tensor to send or buffer to receive into)
+
+
+def exchange(sends: Sequence[Message], recvs: Sequence[Message], net: Network | None = None,
+             timeline: Timeline | None = None, label: str = "round") -> None:
+    """One round: post every send and receive at once, wait for all of them. Empty tensors are skipped on both
+    sides (both know the sizes). With ``net``, the round lasts at least the α-β time of its slowest message, and
+    the bytes sent are counted per link class; with ``timeline``, the round is one event."""
+    sends = [(peer, t) for peer, t in sends if t.numel()]
+    recvs = [(peer, t) for peer, t in recvs if t.numel()]
+    with phase(timeline, label) as event:
+        start = time.perf_counter()
+        ops = [dist.P2POp(dist.isend, t.contiguous(), peer) for peer, t in sends]
+        ops += [dist.P2POp(dist.irecv, t, peer) for peer, t in recvs]
+        if ops:
+            for request in dist.batch_isend_irecv(ops):
+                request.wait()
+        event.sent = sum(t.numel() * t.element_size() for _, t in sends)
+        event.received = sum(t.numel() * t.element_size() for _, t in recvs)
+        if net is not None:
+            me = dist.get_rank()
+            for peer, t in sends:
+                net.count(me, peer, t.numel() * t.element_size())
+            sizes = [(peer, t.numel() * t.element_size()) for peer, t in [*sends, *recvs]]
+            rest = net.round_time(me, sizes) - (time.perf_counter() - start)
+            if rest > 0:
+                time.sleep(rest)
+        event.comm = time.perf_counter() - start
+
+
+def chunk_sizes(n: int, p: int) -> list[int]:
+    """``n`` elements in ``p`` chunks whose sizes differ by at most one, larger first (as ``torch.tensor_split``)."""
+    return [n // p + (1 if i < n % p else 0) for i in range(p)]
+
+
+def _ring_reduce_scatter(flat: torch.Tensor, ranks: list[int], net, timeline) -> list[torch.Tensor]:
+    """Ring reduce-scatter of ``flat`` (a private copy, summed in place) among ``ranks`` in ring order; returns its
+    chunks, of which the one at this rank's position in ``ranks`` holds the sum over the ranks."""
+    p, i = len(ranks), ranks.index(dist.get_rank())
+    chunks = list(flat.split(chunk_sizes(flat.numel(), p)))
+    right, left = ranks[(i + 1) % p], ranks[(i - 1) % p]
+    for s in range(p - 1):
+        send, recv = (i - s - 1) % p, (i - s - 2) % p
+        incoming = torch.empty_like(chunks[recv])
+        exchange([(right, chunks[send])], [(left, incoming)], net, timeline, f"reduce-scatter {s + 1}")
+        chunks[recv] += incoming
+    return chunks
+
+
+def _ring_all_gather(chunks: list[torch.Tensor], ranks: list[int], net, timeline) -> None:
+    """Ring all-gather in place: the chunk at this rank's position in ``ranks`` is filled; after ``p−1`` rounds all
+    are (each round passes on the chunk received in the round before)."""
+    p, i = len(ranks), ranks.index(dist.get_rank())
+    right, left = ranks[(i + 1) % p], ranks[(i - 1) % p]
+    for s in range(p - 1):
+        send, recv = (i - s) % p, (i - s - 1) % p
+        exchange([(right, chunks[send])], [(left, chunks[recv])], net, timeline, f"all-gather {s + 1}")
+
+
+def ring_reduce_scatter(x: torch.Tensor, net: Network | None = None, timeline: Timeline | None = None) -> torch.Tensor:
+    """Sum ``x`` over the ranks and return this rank's chunk of the flattened sum (chunks as
+    :func:`chunk_sizes`): rank ``r`` gets chunk ``r``, like ``dist.reduce_scatter_tensor`` when it divides."""
+    ranks = list(range(dist.get_world_size()))
+    return _ring_reduce_scatter(x.detach().flatten().clone(), ranks, net, timeline)[dist.get_rank()]
+
+
+def ring_all_gather(x: torch.Tensor, net: Network | None = None, timeline: Timeline | None = None) -> torch.Tensor:
+    """Every rank's ``x`` (same shape on all), stacked in rank order: ``(world, *x.shape)``."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    out = x.new_empty((world, *x.shape))
+    out[rank] = x
+    _ring_all_gather(list(out.view(world, -1)), list(range(world)), net, timeline)
+    return out
+
+
+def ring_all_reduce(x: torch.Tensor, net: Network | None = None, timeline: Timeline | None = None) -> torch.Tensor:
+    """Sum of ``x`` over the ranks: ring reduce-scatter, then ring all-gather of the summed chunks."""
+    ranks = list(range(dist.get_world_size()))
+    flat = x.detach().flatten().clone()
+    _ring_all_gather(_ring_reduce_scatter(flat, ranks, net, timeline), ranks, net, timeline)
+    return flat.view_as(x)
+
+
+def halving_doubling_all_reduce(x: torch.Tensor, net: Network | None = None,
+                                timeline: Timeline | None = None) -> torch.Tensor:
+    """Sum of ``x`` over the ranks by recursive halving (reduce-scatter) then recursive doubling (all-gather).
+
+    With ``p`` not a power of two, the ``p − 2^⌊lg p⌋`` extra ranks first fold in: among the first
+    ``2·rem`` ranks each even rank sends its buffer to the odd one after it and waits; the remaining
+    ``2^⌊lg p⌋`` ranks run the algorithm; then each odd rank sends the result back (MPICH's scheme)."""
+    p, r = dist.get_world_size(), dist.get_rank()
+    flat = x.detach().flatten().clone()
+    pof2 = 1 << (p.bit_length() - 1)
+    rem = p - pof2
+    if r < 2 * rem and r % 2 == 0:
+        exchange([(r + 1, flat)], [], net, timeline, "fold in")
+        exchange([], [(r + 1, flat)], net, timeline, "fold out")
+        return flat.view_as(x)
+    if r < 2 * rem:
+        incoming = torch.empty_like(flat)
+        exchange([], [(r - 1, incoming)], net, timeline, "fold in")
+        flat += incoming
+    me = r // 2 if r < 2 * rem else r - rem                       # rank among the 2^⌊lg p⌋ that take part
+
+    def real(n: int) -> int:
+        return 2 * n + 1 if n < rem else n + rem
+
+    offsets = [0]
+    for size in chunk_sizes(flat.numel(), pof2):
+        offsets.append(offsets[-1] + size)
+
+    def segment(lo: int, hi: int) -> torch.Tensor:
+        return flat[offsets[lo]:offsets[hi]]
+
+    lo, hi, mask = 0, pof2, pof2 >> 1
+    while mask:                                                   # halving: keep half, send the other half
+        mid = (lo + hi) // 2
+        keep, give = ((mid, hi), (lo, mid)) if me & mask else ((lo, mid), (mid, hi))
+        incoming = torch.empty_like(segment(*keep))
+        exchange([(real(me ^ mask), segment(*give))], [(real(me ^ mask), incoming)], net, timeline,
+                 f"halving {pof2 // (2 * mask)}")
+        segment(*keep).add_(incoming)
+        (lo, hi), mask = keep, mask >> 1
+    mask = 1
+    while mask < pof2:                                            # doubling: swap blocks, each twice as large
+        other = (lo - (hi - lo), lo) if me & mask else (hi, hi + (hi - lo))
+        exchange([(real(me ^ mask), segment(lo, hi))], [(real(me ^ mask), segment(*other))], net, timeline,
+                 f"doubling {mask.bit_length()}")
+        lo, hi, mask = min(lo, other[0]), max(hi, other[1]), mask << 1
+    if r < 2 * rem:
+        exchange([(r - 1, flat)], [], net, timeline, "fold out")
+    return flat.view_as(x)
+
+
+def tree_broadcast(x: torch.Tensor, root: int = 0, net: Network | None = None,
+                   timeline: Timeline | None = None) -> torch.Tensor:
+    """The root's ``x`` on every rank, along a binomial tree: in round ``j`` every rank that has it sends it
+    ``2^j`` ranks further (relative to the root), so ``⌈lg p⌉`` rounds reach everyone. ``x`` is only read on
+    the root; elsewhere it gives the shape and dtype."""
+    p, r = dist.get_world_size(), dist.get_rank()
+    _check_root(root, p)
+    out = x.detach().clone()
+    me = (r - root) % p
+    mask = 1
+    while mask < p:                                               # receive from the parent
+        if me & mask:
+            exchange([], [((me - mask + root) % p, out)], net, timeline, f"tree {mask.bit_length()}")
+            break
+        mask <<= 1
+    mask >>= 1
+    while mask:                                                   # pass it on to the children
+        if me + mask < p:
+            exchange([((me + mask + root) % p, out)], [], net, timeline, f"tree {mask.bit_length()}")
+        mask >>= 1
+    return out
+
+
+def tree_reduce(x: torch.Tensor, root: int = 0, net: Network | None = None,
+                timeline: Timeline | None = None) -> torch.Tensor | None:
+    """The sum of ``x`` over the ranks, on the root (``None`` elsewhere), along a binomial tree: the broadcast's
+    rounds in reverse, each parent adding its children's partial sums."""
+    p, r = dist.get_world_size(), dist.get_rank()
+    _check_root(root, p)
+    acc = x.detach().clone()
+    me = (r - root) % p
+    mask = 1
+    while mask < p:
+        if me & mask:                                             # send the partial sum to the parent, done
+            exchange([((me - mask + root) % p, acc)], [], net, timeline, f"tree {mask.bit_length()}")
+            return None
+        if me + mask < p:
+            incoming = torch.empty_like(acc)
+            exchange([], [((me + mask + root) % p, incoming)], net, timeline, f"tree {mask.bit_length()}")
+            acc += incoming
+        mask <<= 1
+    return acc
+
+
+def _check_root(root: int, p: int) -> None:
+    if not (isinstance(root, int) and 0 <= root < p):
+        raise ValueError(f"root = {root!r} is not allowed; allowed: a rank in 0..{p - 1}")
+
+
+def _check_splits(x: torch.Tensor, send_splits: Sequence[int], recv_splits: Sequence[int], p: int):
+    send, recv = [int(n) for n in send_splits], [int(n) for n in recv_splits]
+    if len(send) != p or len(recv) != p:
+        raise ValueError(f"send_splits has {len(send)} entries and recv_splits {len(recv)}; allowed: {p} each, "
+                         f"one per rank")
+    if sum(send) != x.shape[0]:
+        raise ValueError(f"send_splits add up to {sum(send)} rows but x has {x.shape[0]}; allowed: equal")
+    return send, recv
+
+
+def pairwise_all_to_all(x: torch.Tensor, send_splits: Sequence[int], recv_splits: Sequence[int],
+                        net: Network | None = None, timeline: Timeline | None = None) -> torch.Tensor:
+    """``dist.all_to_all_single`` with uneven splits by pairwise exchange: the rows for this rank stay; in round
+    ``s = 1 … p−1`` rank ``r`` sends its rows for ``r+s`` and receives ``r−s``'s rows for it — one send and one
+    receive per round, so no rank is flooded by all the others at once."""
+    p, r = dist.get_world_size(), dist.get_rank()
+    send, recv = _check_splits(x, send_splits, recv_splits, p)
+    outgoing = list(x.detach().split(send))
+    out = x.new_empty((sum(recv), *x.shape[1:]))
+    incoming = list(out.split(recv))
+    incoming[r].copy_(outgoing[r])
+    for s in range(1, p):
+        to, frm = (r + s) % p, (r - s) % p
+        exchange([(to, outgoing[to])], [(frm, incoming[frm])], net, timeline, f"pairwise {s}")
+    return out
+
+
+def _check_topology(topology: Topology) -> None:
+    if topology.world != dist.get_world_size():
+        raise ValueError(f"topology has {topology.nodes} nodes × {topology.per_node} ranks = {topology.world}, "
+                         f"but the world has {dist.get_world_size()} ranks; allowed: nodes × per_node = world size")
+
+
+def hierarchical_all_reduce(x: torch.Tensor, topology: Topology, net: Network | None = None,
+                            timeline: Timeline | None = None) -> torch.Tensor:
+    """Two-level all-reduce (Horovod's hierarchical all-reduce, and the shape of NCCL's Tree): a ring
+    reduce-scatter inside each node leaves local rank ``l`` with chunk ``l`` summed over the node; the ranks with
+    the same local index ring-all-reduce that chunk across the nodes (each crossing the slow links with 1/G of
+    the buffer, G = ranks per node); a ring all-gather inside the node assembles the result."""
+    _check_topology(topology)
+    r = dist.get_rank()
+    node, local = topology.node(r), topology.local(r)
+    flat = x.detach().flatten().clone()
+    inside = topology.node_ranks(node)
+    chunks = _ring_reduce_scatter(flat, inside, net, timeline)
+    across = topology.peers(local)
+    if len(across) > 1:
+        mine = chunks[local]
+        _ring_all_gather(_ring_reduce_scatter(mine, across, net, timeline), across, net, timeline)
+    _ring_all_gather(chunks, inside, net, timeline)
+    return flat.view_as(x)
+
+
+def hierarchical_all_to_all(x: torch.Tensor, counts: torch.Tensor, topology: Topology, net: Network | None = None,
+                            timeline: Timeline | None = None) -> torch.Tensor:
+    """``dist.all_to_all_single`` in two hops, as DeepSeek-V3 dispatches tokens across nodes: rank ``(n, l)`` sends
+    everything for node ``m`` in one message to its peer ``(m, l)`` (the same local index: one slow-link message
+    per node instead of one per rank), which forwards each row to its destination inside node ``m`` over the
+    fast links. The rows cross the slow links once, as before, in ``N − 1`` messages instead of ``(N−1)·G``.
+
+    ``counts[i, j]`` is how many rows rank ``i`` sends to rank ``j`` — every rank's splits, which the forwarding
+    ranks need (gather them first, e.g. with :func:`ring_all_gather`; the flat all-to-all needs its own row of
+    them the same way). Returns the rows in rank order of their sources, as the flat all-to-all does."""
+    _check_topology(topology)
+    p, r = dist.get_world_size(), dist.get_rank()
+    if tuple(counts.shape) != (p, p):
+        raise ValueError(f"counts has shape {tuple(counts.shape)}; allowed: ({p}, {p}), rows sent from rank i to j")
+    counts = counts.cpu()
+    _check_splits(x, counts[r].tolist(), counts[:, r].tolist(), p)
+    G, N = topology.per_node, topology.nodes
+    node, local = topology.node(r), topology.local(r)
+    rows = list(x.detach().split(counts[r].tolist()))
+    mine = topology.node_ranks(node)
+    # hop 1: to (m, local), the rows for all ranks of node m, in local order
+    bundles = {node: torch.cat([rows[j] for j in mine])}
+    for s in range(1, N):
+        to_node, from_node = (node + s) % N, (node - s) % N
+        outgoing = torch.cat([rows[j] for j in topology.node_ranks(to_node)])
+        source = topology.rank(from_node, local)
+        incoming = x.new_empty((int(counts[source, mine].sum()), *x.shape[1:]))
+        exchange([(topology.rank(to_node, local), outgoing)], [(source, incoming)], net, timeline, f"across {s}")
+        bundles[from_node] = incoming
+    # hop 2: inside the node, forward to (node, l') its rows from every source (n, local)
+    pieces = {n: dict(zip(mine, bundles[n].split(counts[topology.rank(n, local), mine].tolist())))
+              for n in range(N)}
+    received = {topology.rank(n, local): pieces[n][r] for n in range(N)}
+    for s in range(1, G):
+        to, frm = topology.rank(node, (local + s) % G), topology.rank(node, (local - s) % G)
+        outgoing = torch.cat([pieces[n][to] for n in range(N)])
+        sources = topology.peers(topology.local(frm))
+        incoming = x.new_empty((int(counts[sources, r].sum()), *x.shape[1:]))
+        exchange([(to, outgoing)], [(frm, incoming)], net, timeline, f"inside {s}")
+        received.update(zip(sources, incoming.split(counts[sources, r].tolist())))
+    return torch.cat([received[src] for src in range(p)])

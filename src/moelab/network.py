@@ -1,0 +1,157 @@
+"""The network under the collectives: link classes, a two-level topology, the α-β cost model, and an emulator.
+
+**α-β model** (Hockney 1994; Thakur, Rabenseifner & Gropp 2005): a message of ``n`` bytes over a link costs
+``α + n/β`` — a latency per message plus the bytes at the link's bandwidth. A collective's cost is the sum over
+its rounds of the slowest message in each round. :func:`cost` gives the formula of every algorithm in
+:mod:`moelab.collectives` (the MPICH comments' formulas, reduction arithmetic left out); :func:`bus_bandwidth`
+converts a measured time to nccl-tests' *bus bandwidth*, comparable across rank counts.
+
+**Emulated links.** On one laptop every message travels over loopback. A :class:`Network` makes the link
+between two ranks a class — fast inside a node ("NVLink"), slow between nodes ("25 GbE") — and every round of
+messages of the collectives takes at least the α-β time of its slowest message: after the real transfer the
+rank sleeps for the rest. It also counts the bytes and messages each rank sent, per link class. So a learner
+runs the same collective over two networks and sees the model's prediction come true.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Link:
+    """A link class: ``alpha`` seconds per message, ``beta`` bytes per second."""
+
+    name: str
+    alpha: float
+    beta: float
+
+    def __post_init__(self) -> None:
+        if not (self.alpha >= 0 and math.isfinite(self.alpha)):
+            raise ValueError(f"Link {self.name!r}: alpha = {self.alpha!r} is not allowed; allowed: seconds >= 0")
+        if not (self.beta > 0):
+            raise ValueError(f"Link {self.name!r}: beta = {self.beta!r} is not allowed; allowed: bytes/s > 0")
+
+    def time(self, nbytes: float) -> float:
+        """``α + n/β``: seconds for one message of ``nbytes``."""
+        return self.alpha + nbytes / self.beta
+
+
+@dataclass(frozen=True)
+class Topology:
+    """``nodes`` nodes of ``per_node`` ranks each; rank ``r`` is local rank ``r % per_node`` of node
+    ``r // per_node`` (as ``torchrun`` numbers ranks node by node)."""
+
+    nodes: int
+    per_node: int
+
+    def __post_init__(self) -> None:
+        for name in ("nodes", "per_node"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"Topology: {name} = {value!r} is not allowed; allowed: an integer >= 1")
+
+    @property
+    def world(self) -> int:
+        return self.nodes * self.per_node
+
+    def node(self, rank: int) -> int:
+        return rank // self.per_node
+
+    def local(self, rank: int) -> int:
+        return rank % self.per_node
+
+    def rank(self, node: int, local: int) -> int:
+        return node * self.per_node + local
+
+    def node_ranks(self, node: int) -> list[int]:
+        return [self.rank(node, i) for i in range(self.per_node)]
+
+    def peers(self, local: int) -> list[int]:
+        """The ranks with local index ``local`` on every node: the ones that talk across the slow links."""
+        return [self.rank(n, local) for n in range(self.nodes)]
+
+
+# Illustrative link classes, scaled down so that their delays dominate loopback's own cost on a laptop (gloo over
+# loopback moves ~1 GB/s with ~0.1-0.5 ms per message here): the *ratios* are what they teach. NVLink on an H800
+# carries 160 GB/s as DeepSeek measured it, InfiniBand 50 GB/s (3.2× less), 25 GbE about 3 GB/s (50× less).
+FAST = Link("fast (NVLink-like)", alpha=0.2e-3, beta=1.6e9)
+SLOW = Link("slow (25 GbE-like)", alpha=2e-3, beta=32e6)
+
+
+@dataclass
+class Network:
+    """An emulated two-level network: ``intra`` links inside a node, ``inter`` links between nodes.
+
+    :func:`moelab.collectives.exchange` asks it how long each round must take (:meth:`round_time`) and reports
+    each message it sent (:meth:`count`); ``sent_bytes`` and ``messages`` are per link class name."""
+
+    topology: Topology
+    intra: Link = FAST
+    inter: Link = SLOW
+    sent_bytes: dict[str, int] = field(default_factory=dict)
+    messages: dict[str, int] = field(default_factory=dict)
+
+    def link(self, a: int, b: int) -> Link:
+        return self.intra if self.topology.node(a) == self.topology.node(b) else self.inter
+
+    def round_time(self, me: int, peers_and_bytes: list[tuple[int, int]]) -> float:
+        """The α-β time of a round of concurrent messages: its slowest message."""
+        return max((self.link(me, peer).time(n) for peer, n in peers_and_bytes), default=0.0)
+
+    def count(self, me: int, peer: int, nbytes: int) -> None:
+        name = self.link(me, peer).name
+        self.sent_bytes[name] = self.sent_bytes.get(name, 0) + nbytes
+        self.messages[name] = self.messages.get(name, 0) + 1
+
+    def reset(self) -> None:
+        self.sent_bytes.clear()
+        self.messages.clear()
+
+
+ALGORITHMS = ("ring_all_reduce", "halving_doubling_all_reduce", "ring_reduce_scatter", "ring_all_gather",
+              "tree_broadcast", "tree_reduce", "pairwise_all_to_all", "hierarchical_all_reduce")
+
+
+def cost(algorithm: str, nbytes: float, p: int, link: Link, topology: Topology | None = None,
+         inter: Link | None = None) -> float:
+    """Predicted seconds of ``algorithm`` on ``p`` ranks for a buffer of ``nbytes`` per rank (for all-to-all: the
+    bytes each rank sends in all, spread evenly; for all-gather: the gathered buffer), every message over
+    ``link``. ``hierarchical_all_reduce`` takes a ``topology`` and the ``inter``-node link; ``link`` is then
+    the intra-node one. Chunks are assumed equal (``nbytes / p``)."""
+    lg = math.ceil(math.log2(p)) if p > 1 else 0
+    a, b = link.alpha, 1.0 / link.beta
+    if algorithm == "ring_reduce_scatter" or algorithm == "ring_all_gather":
+        return (p - 1) * (a + nbytes / p * b)
+    if algorithm == "ring_all_reduce":
+        return 2 * (p - 1) * (a + nbytes / p * b)
+    if algorithm == "halving_doubling_all_reduce":
+        pof2 = 1 << (p.bit_length() - 1)
+        steps = int(math.log2(pof2))
+        fold = 2 * (a + nbytes * b) if pof2 < p else 0.0          # fold in and out the ranks beyond 2^⌊lg p⌋
+        return fold + 2 * steps * a + 2 * (pof2 - 1) / pof2 * nbytes * b
+    if algorithm in ("tree_broadcast", "tree_reduce"):
+        return lg * (a + nbytes * b)
+    if algorithm == "pairwise_all_to_all":
+        return (p - 1) * (a + nbytes / p * b)
+    if algorithm == "hierarchical_all_reduce":
+        if topology is None or inter is None:
+            raise ValueError("hierarchical_all_reduce needs topology and inter; allowed: a Topology and a Link")
+        G, N = topology.per_node, topology.nodes
+        intra = 2 * (G - 1) * (a + nbytes / G * b)
+        return intra + 2 * (N - 1) * inter.time(nbytes / G / N)
+    raise ValueError(f"algorithm = {algorithm!r} is not allowed; allowed: {', '.join(ALGORITHMS)}")
+
+
+BUS_FACTORS = {"all_reduce": lambda n: 2 * (n - 1) / n, "reduce_scatter": lambda n: (n - 1) / n,
+               "all_gather": lambda n: (n - 1) / n, "all_to_all": lambda n: (n - 1) / n,
+               "broadcast": lambda n: 1.0, "reduce": lambda n: 1.0}
+
+
+def bus_bandwidth(collective: str, nbytes: float, seconds: float, p: int) -> float:
+    """nccl-tests' bus bandwidth (bytes/s): ``algbw = S / t`` times the collective's factor (``2(n−1)/n`` for
+    all-reduce, ``(n−1)/n`` for reduce-scatter, all-gather and all-to-all, 1 for broadcast and reduce), so that
+    it can be compared with a link's bandwidth whatever the number of ranks (nccl-tests, doc/PERFORMANCE.md)."""
+    if collective not in BUS_FACTORS:
+        raise ValueError(f"collective = {collective!r} is not allowed; allowed: {', '.join(BUS_FACTORS)}")
+    return nbytes / seconds * BUS_FACTORS[collective](p)
