@@ -6,6 +6,7 @@ import torch.distributed as dist
 from moelab import collectives as C
 from moelab.dist import RankError, launch
 from moelab.network import SLOW, Link, Network, Topology, cost
+from moelab.quant import quantize
 from moelab.timeline import Timeline
 
 
@@ -108,7 +109,8 @@ def test_byte_counters_equal_the_analytic_counts_on_two_nodes_of_two():
         right_is_slow = topo.node(rank) != topo.node((rank + 1) % p)
         ring_bytes, ring_msgs = out["ring"]
         link = "slow" if right_is_slow else "fast"
-        assert ring_bytes == {link: 2 * (p - 1) * n_bytes // p} and ring_msgs == {link: 2 * (p - 1)}
+        # reduce-scatter rounds send their chunk in C.SEGMENTS pieces, all-gather rounds in one
+        assert ring_bytes == {link: 2 * (p - 1) * n_bytes // p} and ring_msgs == {link: (p - 1) * (C.SEGMENTS + 1)}
         hier_bytes, _ = out["hierarchical"]
         G, N = topo.per_node, topo.nodes
         # inside: ring RS + AG over G ranks; across: ring RS + AG over N ranks of the node's 1/G chunk
@@ -125,7 +127,7 @@ def test_byte_counters_equal_the_analytic_counts_on_two_nodes_of_two():
 def emulated_rank(rank, p, link):
     net, timeline = Network(Topology(1, p), intra=link, inter=link), Timeline()
     C.ring_all_reduce(torch.ones(1000 * p), net, timeline)
-    return [e.comm for e in timeline.events]
+    return [(e.start, e.end) for e in timeline.events]
 
 
 def test_each_emulated_round_lasts_at_least_its_alpha_beta_time():
@@ -133,8 +135,9 @@ def test_each_emulated_round_lasts_at_least_its_alpha_beta_time():
     p = 3
     for rounds in launch(emulated_rank, p, args=(link,), backend="gloo", timeout=60):
         assert len(rounds) == 2 * (p - 1)
-        assert all(t >= link.time(1000 * 4) for t in rounds)
-        assert sum(rounds) >= cost("ring_all_reduce", 1000 * p * 4, p, link)
+        ends = [rounds[0][0]] + [end for _, end in rounds]            # a round ends >= α + n/β after the last
+        assert all(b - a >= link.time(1000 * 4) for a, b in zip(ends, ends[1:]))
+        assert ends[-1] - ends[0] >= cost("ring_all_reduce", 1000 * p * 4, p, link)
 
 
 def bad_rank(rank, p, case):
@@ -166,3 +169,30 @@ def test_link_and_topology_refuse_bad_values_and_cost_names_the_algorithms():
     t = Topology(2, 4)
     assert (t.world, t.node(5), t.local(5), t.rank(1, 1), t.node_ranks(1), t.peers(2)) == \
            (8, 1, 1, 5, [4, 5, 6, 7], [2, 6])
+
+
+def compressed_rank(rank, p, fmt):
+    counts = uneven_splits(p)
+    d = 200
+
+    def rows_of(src):
+        return torch.randn(int(counts[src].sum()), d, generator=torch.Generator().manual_seed(src)) * (src + 1)
+
+    q, scales = C.compressed_all_to_all(rows_of(rank), counts[rank].tolist(), counts[:, rank].tolist(), fmt)
+    expected = []
+    for src in range(p):                       # what each sender quantised for this rank, in source order
+        sq, ss = quantize(rows_of(src), fmt)
+        start = int(counts[src, :rank].sum())
+        expected.append((sq[start:start + counts[src, rank]], ss[start:start + counts[src, rank]]))
+    gq, gs = C.compressed_all_gather(rows_of(0)[:3] + rank, fmt)
+    return (q, scales, torch.cat([e[0] for e in expected]), torch.cat([e[1] for e in expected]), gq, gs,
+            [quantize(rows_of(0)[:3] + r, fmt) for r in range(p)])
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "int8"])
+def test_compressed_all_to_all_and_all_gather_deliver_the_senders_exact_bytes(fmt):
+    for q, scales, eq, es, gq, gs, gathered in launch(compressed_rank, 3, args=(fmt,), backend="gloo", timeout=60):
+        assert q.dtype == eq.dtype and torch.equal(q.view(torch.uint8), eq.view(torch.uint8))
+        assert torch.equal(scales, es)
+        assert torch.equal(gq.view(torch.uint8), torch.stack([g[0] for g in gathered]).view(torch.uint8))
+        assert torch.equal(gs, torch.stack([g[1] for g in gathered]))

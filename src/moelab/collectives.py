@@ -23,30 +23,41 @@ notebooks/06_collectives.ipynb; tests/test_collectives.py checks each against to
 from __future__ import annotations
 
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
 
+from . import quant
 from .network import Network, Topology
 from .timeline import Timeline, phase
 
 Message = tuple[int, torch.Tensor]                      # (peer rank, tensor to send or buffer to receive into)
+SEGMENTS = 4                                            # pieces per ring message, to overlap sums with transfers
 
 
 def exchange(sends: Sequence[Message], recvs: Sequence[Message], net: Network | None = None,
-             timeline: Timeline | None = None, label: str = "round") -> None:
+             timeline: Timeline | None = None, label: str = "round",
+             arrived: Callable[[int], None] | None = None) -> None:
     """One round: post every send and receive at once, wait for all of them. Empty tensors are skipped on both
-    sides (both know the sizes). With ``net``, the round lasts at least the α-β time of its slowest message, and
-    the bytes sent are counted per link class; with ``timeline``, the round is one event."""
+    sides (both know the sizes). ``arrived(j)`` runs as soon as receive ``j`` is complete, while later ones may
+    still be in flight (to overlap reduction with transfer). With ``net``, the round lasts at least the α-β time
+    of its slowest message, and the bytes sent are counted per link class; with ``timeline``, the round is one
+    event."""
+    order = [j for j, (_, t) in enumerate(recvs) if t.numel()]
     sends = [(peer, t) for peer, t in sends if t.numel()]
-    recvs = [(peer, t) for peer, t in recvs if t.numel()]
+    recvs = [recvs[j] for j in order]
     with phase(timeline, label) as event:
         start = time.perf_counter()
         ops = [dist.P2POp(dist.isend, t.contiguous(), peer) for peer, t in sends]
         ops += [dist.P2POp(dist.irecv, t, peer) for peer, t in recvs]
         if ops:
-            for request in dist.batch_isend_irecv(ops):
+            requests = dist.batch_isend_irecv(ops)
+            for j, request in zip(order, requests[len(sends):]):
+                request.wait()
+                if arrived is not None:
+                    arrived(j)
+            for request in requests[:len(sends)]:
                 request.wait()
         event.sent = sum(t.numel() * t.element_size() for _, t in sends)
         event.received = sum(t.numel() * t.element_size() for _, t in recvs)
@@ -54,10 +65,12 @@ def exchange(sends: Sequence[Message], recvs: Sequence[Message], net: Network | 
             me = dist.get_rank()
             for peer, t in sends:
                 net.count(me, peer, t.numel() * t.element_size())
-            sizes = [(peer, t.numel() * t.element_size()) for peer, t in [*sends, *recvs]]
-            rest = net.round_time(me, sizes) - (time.perf_counter() - start)
-            if rest > 0:
-                time.sleep(rest)
+            emulated = net.round_time(me, [(peer, t.numel() * t.element_size()) for peer, t in sends],
+                                      [(peer, t.numel() * t.element_size()) for peer, t in recvs])
+            end = net.begin(start, emulated) + emulated
+            if end > time.perf_counter():
+                time.sleep(end - time.perf_counter())
+            net.clock = max(end, time.perf_counter())
         event.comm = time.perf_counter() - start
 
 
@@ -72,11 +85,14 @@ def _ring_reduce_scatter(flat: torch.Tensor, ranks: list[int], net, timeline) ->
     p, i = len(ranks), ranks.index(dist.get_rank())
     chunks = list(flat.split(chunk_sizes(flat.numel(), p)))
     right, left = ranks[(i + 1) % p], ranks[(i - 1) % p]
+    buffer = torch.empty_like(chunks[0])                          # the largest chunk; reused every round
     for s in range(p - 1):
         send, recv = (i - s - 1) % p, (i - s - 2) % p
-        incoming = torch.empty_like(chunks[recv])
-        exchange([(right, chunks[send])], [(left, incoming)], net, timeline, f"reduce-scatter {s + 1}")
-        chunks[recv] += incoming
+        # each chunk in SEGMENTS pieces: adding one piece overlaps the transfer of the next (as NCCL's slices)
+        mine, incoming = chunks[recv].tensor_split(SEGMENTS), buffer[:chunks[recv].numel()].tensor_split(SEGMENTS)
+        exchange([(right, piece) for piece in chunks[send].tensor_split(SEGMENTS)],
+                 [(left, piece) for piece in incoming], net, timeline, f"reduce-scatter {s + 1}",
+                 arrived=lambda j: mine[j].add_(incoming[j]))
     return chunks
 
 
@@ -308,3 +324,27 @@ def hierarchical_all_to_all(x: torch.Tensor, counts: torch.Tensor, topology: Top
         exchange([(to, outgoing)], [(frm, incoming)], net, timeline, f"inside {s}")
         received.update(zip(sources, incoming.split(counts[sources, r].tolist())))
     return torch.cat([received[src] for src in range(p)])
+
+
+def compressed_all_to_all(x: torch.Tensor, send_splits: Sequence[int], recv_splits: Sequence[int],
+                          fmt: str = "fp8_e4m3", block: int = 128, net: Network | None = None,
+                          timeline: Timeline | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`pairwise_all_to_all` of rows ``x`` ``(N, d)`` quantised to ``fmt`` with one fp32 scale per 1×``block``
+    tile (:func:`moelab.quant.quantize`; DeepSeek-V3 dispatches FP8 this way). Each row travels as ``d`` bytes plus
+    4 per tile, packed into one uint8 row. Returns the received ``(q, scales)``, bytes and dtypes as the senders
+    had them; :func:`moelab.quant.dequantize` turns them back into numbers."""
+    q, scales = quant.quantize(x, fmt, block)
+    packed = pairwise_all_to_all(quant.pack(q, scales), send_splits, recv_splits, net, timeline)
+    return quant.unpack(packed, x.shape[1], fmt)
+
+
+def compressed_all_gather(x: torch.Tensor, fmt: str = "fp8_e4m3", block: int = 128, net: Network | None = None,
+                          timeline: Timeline | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`ring_all_gather` of rows ``x`` ``(N, d)`` (the same shape on every rank) quantised like
+    :func:`compressed_all_to_all`; returns every rank's ``(q, scales)`` stacked: ``(world, N, d)`` and
+    ``(world, N, tiles)``."""
+    q, scales = quant.quantize(x, fmt, block)
+    packed = ring_all_gather(quant.pack(q, scales), net, timeline)
+    world = packed.shape[0]
+    q_all, s_all = quant.unpack(packed.flatten(0, 1), x.shape[1], fmt)
+    return q_all.view(world, *q.shape), s_all.view(world, *scales.shape)

@@ -9,7 +9,7 @@ converts a measured time to nccl-tests' *bus bandwidth*, comparable across rank 
 **Emulated links.** On one laptop every message travels over loopback. A :class:`Network` makes the link
 between two ranks a class — fast inside a node ("NVLink"), slow between nodes ("25 GbE") — and every round of
 messages of the collectives takes at least the α-β time of its slowest message: after the real transfer the
-rank sleeps for the rest. It also counts the bytes and messages each rank sent, per link class. So a learner
+rank sleeps for the rest (:meth:`Network.begin` says when the round began). It also counts the bytes and messages each rank sent, per link class. So a learner
 runs the same collective over two networks and sees the model's prediction come true.
 """
 from __future__ import annotations
@@ -72,11 +72,12 @@ class Topology:
         return [self.rank(n, local) for n in range(self.nodes)]
 
 
-# Illustrative link classes, scaled down so that their delays dominate loopback's own cost on a laptop (gloo over
-# loopback moves ~1 GB/s with ~0.1-0.5 ms per message here): the *ratios* are what they teach. NVLink on an H800
+# Illustrative link classes, scaled down so that their delays dominate what loopback itself costs on a laptop
+# (gloo between 4 processes on 2 cores: ~0.6 ms per round, 100-500 MB/s): the *ratio* is what they teach, a
+# slow link 10× below the fast one in bandwidth and 5× above it in latency. For scale: NVLink on an H800
 # carries 160 GB/s as DeepSeek measured it, InfiniBand 50 GB/s (3.2× less), 25 GbE about 3 GB/s (50× less).
-FAST = Link("fast (NVLink-like)", alpha=0.2e-3, beta=1.6e9)
-SLOW = Link("slow (25 GbE-like)", alpha=2e-3, beta=32e6)
+FAST = Link("fast", alpha=1e-3, beta=100e6)
+SLOW = Link("slow", alpha=5e-3, beta=10e6)
 
 
 @dataclass
@@ -91,13 +92,28 @@ class Network:
     inter: Link = SLOW
     sent_bytes: dict[str, int] = field(default_factory=dict)
     messages: dict[str, int] = field(default_factory=dict)
+    clock: float | None = None          # perf_counter time at which this rank's last round ended
 
     def link(self, a: int, b: int) -> Link:
         return self.intra if self.topology.node(a) == self.topology.node(b) else self.inter
 
-    def round_time(self, me: int, peers_and_bytes: list[tuple[int, int]]) -> float:
-        """The α-β time of a round of concurrent messages: its slowest message."""
-        return max((self.link(me, peer).time(n) for peer, n in peers_and_bytes), default=0.0)
+    def round_time(self, me: int, sends: list[tuple[int, int]], recvs: list[tuple[int, int]]) -> float:
+        """The α-β time of a round of concurrent ``(peer, bytes)`` messages: messages to (or from) the same peer
+        share a link and add up, one α for them all (they are pieces of one transfer); links to different peers
+        work in parallel, so the round takes as long as its busiest link."""
+        per_link: dict[tuple[str, int], int] = {}
+        for direction, messages in (("send", sends), ("recv", recvs)):
+            for peer, n in messages:
+                per_link[direction, peer] = per_link.get((direction, peer), 0) + n
+        return max((self.link(me, peer).time(n) for (_, peer), n in per_link.items()), default=0.0)
+
+    def begin(self, now: float, round_time: float) -> float:
+        """When a round that starts ``now`` begins on the emulated network: at the end of this rank's previous
+        round if the rank went straight on (less than one round's time later), so that the software's own work
+        between rounds overlaps the link's time, as a NIC's transfers overlap the CPU's; otherwise ``now``."""
+        if self.clock is not None and now - self.clock < round_time:
+            return self.clock
+        return now
 
     def count(self, me: int, peer: int, nbytes: int) -> None:
         name = self.link(me, peer).name
@@ -107,6 +123,7 @@ class Network:
     def reset(self) -> None:
         self.sent_bytes.clear()
         self.messages.clear()
+        self.clock = None
 
 
 ALGORITHMS = ("ring_all_reduce", "halving_doubling_all_reduce", "ring_reduce_scatter", "ring_all_gather",

@@ -133,18 +133,31 @@ def backward_phase(timeline: Timeline | None, event: Event, inputs: torch.Tensor
     return _BackwardMark.apply(run(_BackwardMark.apply(inputs, timeline, event, True)), timeline, event, False)
 
 
+_ONE_MACHINE: dict = {}                  # process group -> whether all its ranks run on this machine
+
+
+def _one_machine(group: dist.ProcessGroup | None) -> bool:
+    if group not in _ONE_MACHINE:
+        hosts: list = [None] * dist.get_world_size(group)
+        dist.all_gather_object(hosts, socket.gethostname(), group=group)
+        _ONE_MACHINE[group] = len(set(hosts)) == 1
+    return _ONE_MACHINE[group]
+
+
 def start_together(timeline: Timeline, group: dist.ProcessGroup | None = None) -> None:
-    """Restart ``timeline`` on every rank of ``group`` with one common time zero. After a barrier, the ranks leave
+    """Restart ``timeline`` on every rank of ``group`` with one common time zero. After a barrier the ranks leave
     it at slightly different moments (up to milliseconds when there are more ranks than cores), so each reads
-    the clock and they agree on the earliest reading: a rank the OS scheduled late then shows its delay as a gap.
-    That needs a clock they share, which ranks on one machine have; across machines each rank starts at its own
-    exit from the barrier instead."""
+    the clock and they agree on the latest reading (one small all-reduce): the moment the last rank was free to
+    start. That needs a clock they share, which ranks on one machine have; across machines each rank starts at
+    its own exit from the barrier instead."""
+    shared = _one_machine(group)
     dist.barrier(group=group)
-    readings: list = [None] * dist.get_world_size(group)
-    dist.all_gather_object(readings, (socket.gethostname(), time.perf_counter()), group=group)
-    one_machine = len({host for host, _ in readings}) == 1
-    mine = readings[dist.get_rank(group)][1]
-    timeline.restart(min(t for _, t in readings) if one_machine else mine)
+    reading = torch.tensor([time.perf_counter()], dtype=torch.float64)
+    if dist.get_backend(group) == "nccl":
+        reading = reading.cuda()
+    if shared:
+        dist.all_reduce(reading, op=dist.ReduceOp.MAX, group=group)
+    timeline.restart(float(reading))
 
 
 def phase(timeline: Timeline | None, name: str) -> contextlib.AbstractContextManager[Event]:
