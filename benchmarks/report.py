@@ -91,8 +91,30 @@ def expert_parallel_block(r: dict) -> str:
     return "\n".join(lines)
 
 
+def collectives_block(r: dict) -> str:
+    sizes = sorted({row["bytes"] for row in r["rows"]})
+    lines = ["| collective | algorithm | " + " | ".join(_size(s) for s in sizes) + " |",
+             "|---|---|" + "---|" * len(sizes)]
+    for collective, algorithm in dict.fromkeys((row["collective"], row["algorithm"]) for row in r["rows"]):
+        by_size = {row["bytes"]: row for row in r["rows"] if (row["collective"], row["algorithm"]) ==
+                   (collective, algorithm)}
+        lines.append(f"| {collective} | {algorithm} | " + " | ".join(f"{by_size[s]['bus_gb_s']:.3f}" for s in sizes)
+                     + " |")
+    worst = max(r["emulated"], key=lambda e: abs(e["ratio"] - 1))
+    lines += ["", "Bus bandwidth in GB/s (nccl-tests' definition), 4 ranks. Targets: " + "; ".join(
+        f"{t['name']} {t['op']} {t['target']}: {t['value']} ({'met' if t['met'] else 'missed'})" for t in r["targets"])
+        + ".", f"α-β model against emulated links: {len(r['emulated'])} cases, worst {worst['algorithm']} at "
+        f"{_size(worst['bytes'])} ({worst['network']}): measured {worst['measured_ms']:.1f} ms, predicted "
+        f"{worst['predicted_ms']:.1f} ms."]
+    return "\n".join(lines)
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes // 2**20} MB" if nbytes >= 2**20 else f"{nbytes // 2**10} KB"
+
+
 BLOCKS = {"notebooks": notebooks_block, "moe_dispatch": moe_dispatch_block, "train_throughput": train_throughput_block,
-          "expert_parallel": expert_parallel_block}
+          "expert_parallel": expert_parallel_block, "collectives": collectives_block}
 
 
 def main() -> None:

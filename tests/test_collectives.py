@@ -196,3 +196,18 @@ def test_compressed_all_to_all_and_all_gather_deliver_the_senders_exact_bytes(fm
         assert torch.equal(scales, es)
         assert torch.equal(gq.view(torch.uint8), torch.stack([g[0] for g in gathered]).view(torch.uint8))
         assert torch.equal(gs, torch.stack([g[1] for g in gathered]))
+
+
+def test_node_limited_routing_bytes_equal_the_counts_taken_from_the_routing():
+    from moelab.experiments.collectives import routing_rank
+
+    topo = Topology(2, 2)
+    results = launch(routing_rank, 4, args=(topo, 16, 4, 32, 8, [1, 2]), backend="gloo", timeout=120)
+    row = 8 * 4
+    for M in (0, 1):
+        flat = sum(r[M]["flat_bytes"] for r in results)
+        two_hop = sum(r[M]["two_hop_bytes"] for r in results)
+        assert flat == sum(r[M]["flat_analytic"] for r in results) > 0
+        assert two_hop == sum(r[M]["two_hop_analytic"] for r in results)
+        assert two_hop <= flat and two_hop <= (M + 1) * 4 * 32 * row      # at most M remote nodes per token
+    assert all(r[0]["nodes_per_token"] == 1.0 for r in results)          # M = 1: every token on one node

@@ -54,12 +54,21 @@ def test_train_throughput_table_quotes_benchmarks_results():
 
 def test_expert_parallel_table_quotes_benchmarks_results():
     results = json.loads((ROOT / "benchmarks" / "results" / "expert_parallel.json").read_text(encoding="utf-8"))
-    section = README[README.index("## Expert parallelism (measured)"):README.index("## Other commands")]
+    section = README[README.index("## Expert parallelism (measured)"):README.index("## Collectives (measured)")]
     assert {row["ranks"] for row in results["rows"]} == {1, 2, 4}
     for row in results["rows"]:
         assert row["payload_bytes_per_token"] == row["analytic_bytes_per_token"], row
         assert f"| {row['step_ms']:.1f} | {row['relative_to_1_rank']:.2f}× |" in section, row
     assert all(t["met"] for t in results["targets"]) and len(results["targets"]) == 3
+
+
+def test_collectives_table_quotes_benchmarks_results():
+    results = json.loads((ROOT / "benchmarks" / "results" / "collectives.json").read_text(encoding="utf-8"))
+    section = README[README.index("## Collectives (measured)"):README.index("## Other commands")]
+    assert {(r["collective"], r["algorithm"]) for r in results["rows"]} >= {
+        ("all_reduce", "gloo"), ("all_reduce", "ring"), ("reduce_scatter", "ring"), ("all_to_all", "pairwise")}
+    for t in results["targets"]:
+        assert f"{t['name']} {t['op']} {t['target']}: {t['value']}" in section, t["name"]
 
 
 def test_generated_blocks_equal_what_the_report_script_renders_from_the_results():

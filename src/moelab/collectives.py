@@ -41,9 +41,10 @@ def exchange(sends: Sequence[Message], recvs: Sequence[Message], net: Network | 
              arrived: Callable[[int], None] | None = None) -> None:
     """One round: post every send and receive at once, wait for all of them. Empty tensors are skipped on both
     sides (both know the sizes). ``arrived(j)`` runs as soon as receive ``j`` is complete, while later ones may
-    still be in flight (to overlap reduction with transfer). With ``net``, the round lasts at least the α-β time
-    of its slowest message, and the bytes sent are counted per link class; with ``timeline``, the round is one
-    event."""
+    still be in flight (to overlap reduction with transfer). With ``net``, the round lasts until its messages
+    would have arrived on the emulated links (:meth:`~moelab.network.Network.round_end`; one 8-byte time stamp
+    per peer travels along, not counted), and the bytes sent are counted per link class; with ``timeline``,
+    the round is one event."""
     order = [j for j, (_, t) in enumerate(recvs) if t.numel()]
     sends = [(peer, t) for peer, t in sends if t.numel()]
     recvs = [recvs[j] for j in order]
@@ -51,23 +52,30 @@ def exchange(sends: Sequence[Message], recvs: Sequence[Message], net: Network | 
         start = time.perf_counter()
         ops = [dist.P2POp(dist.isend, t.contiguous(), peer) for peer, t in sends]
         ops += [dist.P2POp(dist.irecv, t, peer) for peer, t in recvs]
+        if net is not None:                          # each message carries when its round began on the sender
+            me = dist.get_rank()
+            sizes = [(peer, t.numel() * t.element_size()) for peer, t in sends]
+            recv_sizes = [(peer, t.numel() * t.element_size()) for peer, t in recvs]
+            begin = net.begin(start, net.round_time(me, sizes, recv_sizes))
+            stamp = torch.tensor([begin], dtype=torch.float64)
+            senders = sorted({peer for peer, _ in recvs})
+            stamps = {peer: torch.empty(1, dtype=torch.float64) for peer in senders}
+            ops += [dist.P2POp(dist.isend, stamp, peer) for peer in sorted({peer for peer, _ in sends})]
+            ops += [dist.P2POp(dist.irecv, stamps[peer], peer) for peer in senders]
         if ops:
             requests = dist.batch_isend_irecv(ops)
-            for j, request in zip(order, requests[len(sends):]):
+            for j, request in zip(order, requests[len(sends):len(sends) + len(recvs)]):
                 request.wait()
                 if arrived is not None:
                     arrived(j)
-            for request in requests[:len(sends)]:
+            for request in requests[:len(sends)] + requests[len(sends) + len(recvs):]:
                 request.wait()
         event.sent = sum(t.numel() * t.element_size() for _, t in sends)
         event.received = sum(t.numel() * t.element_size() for _, t in recvs)
         if net is not None:
-            me = dist.get_rank()
-            for peer, t in sends:
-                net.count(me, peer, t.numel() * t.element_size())
-            emulated = net.round_time(me, [(peer, t.numel() * t.element_size()) for peer, t in sends],
-                                      [(peer, t.numel() * t.element_size()) for peer, t in recvs])
-            end = net.begin(start, emulated) + emulated
+            for peer, n in sizes:
+                net.count(me, peer, n)
+            end = net.round_end(me, begin, sizes, recv_sizes, {peer: float(t) for peer, t in stamps.items()})
             if end > time.perf_counter():
                 time.sleep(end - time.perf_counter())
             net.clock = max(end, time.perf_counter())

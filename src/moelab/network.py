@@ -98,14 +98,25 @@ class Network:
         return self.intra if self.topology.node(a) == self.topology.node(b) else self.inter
 
     def round_time(self, me: int, sends: list[tuple[int, int]], recvs: list[tuple[int, int]]) -> float:
-        """The α-β time of a round of concurrent ``(peer, bytes)`` messages: messages to (or from) the same peer
-        share a link and add up, one α for them all (they are pieces of one transfer); links to different peers
-        work in parallel, so the round takes as long as its busiest link."""
+        """The α-β time of a round of concurrent ``(peer, bytes)`` messages, all starting together: messages to
+        (or from) the same peer share a link and add up, one α for them all (they are pieces of one transfer);
+        links to different peers work in parallel, so the round takes as long as its busiest link."""
+        return max((t for _, t in self._per_link(me, sends, recvs)), default=0.0)
+
+    def _per_link(self, me: int, sends, recvs) -> list[tuple[tuple[str, int], float]]:
         per_link: dict[tuple[str, int], int] = {}
         for direction, messages in (("send", sends), ("recv", recvs)):
             for peer, n in messages:
                 per_link[direction, peer] = per_link.get((direction, peer), 0) + n
-        return max((self.link(me, peer).time(n) for (_, peer), n in per_link.items()), default=0.0)
+        return [(key, self.link(me, key[1]).time(n)) for key, n in per_link.items()]
+
+    def round_end(self, me: int, begin: float, sends, recvs, sender_begins: dict[int, float]) -> float:
+        """When a round ends on the emulated network: what this rank sends is done ``α + n/β`` after the round
+        began here; what it receives, ``α + n/β`` after the round began on the sender (``sender_begins``, which
+        travels with the messages), so a rank that waited for a late sender also waits for its transfer."""
+        ends = [(begin if direction == "send" else sender_begins[peer]) + t
+                for (direction, peer), t in self._per_link(me, sends, recvs)]
+        return max(ends, default=begin)
 
     def begin(self, now: float, round_time: float) -> float:
         """When a round that starts ``now`` begins on the emulated network: at the end of this rank's previous

@@ -130,21 +130,27 @@ def color_by_expert(text: str, experts: Sequence[int], n_experts: int) -> str:
 
 PHASE_COLORS = {"route": "tab:purple", "dispatch": "tab:blue", "expert": "tab:green", "combine": "tab:orange",
                 "combine backward": "navajowhite", "expert backward": "lightgreen", "dispatch backward": "lightblue",
-                "all-reduce": "tab:red"}
+                "all-reduce": "tab:red",
+                # the rounds of moelab.collectives, by their first word ("reduce-scatter 2" → "reduce-scatter")
+                "reduce-scatter": "tab:blue", "all-gather": "tab:orange", "halving": "tab:blue",
+                "doubling": "tab:orange", "fold": "tab:gray", "tree": "tab:purple", "pairwise": "tab:green",
+                "across": "tab:red", "inside": "tab:cyan"}
 
 
 def plot_timeline(timelines: Sequence[Sequence[Event | dict]], ax: Axes | None = None, title: str = "") -> Axes:
     """One row per rank, one bar per phase (:class:`moelab.timeline.Event`, or its dict), in milliseconds since
-    the ranks' common start — the view of a trace viewer. Phases not in :data:`PHASE_COLORS` are grey."""
+    the ranks' common start — the view of a trace viewer. A phase is coloured by its name in
+    :data:`PHASE_COLORS`, else by its first word (a collective's numbered rounds), else grey."""
     ax = _axes(ax, (8.0, 0.6 + 0.55 * len(timelines)))
     seen: dict[str, str] = {}
     for rank, events in enumerate(timelines):
         for e in events:
             e = e if isinstance(e, Event) else Event(**e)
-            color = PHASE_COLORS.get(e.phase, "grey")
+            key = e.phase if e.phase in PHASE_COLORS else e.phase.split()[0]
+            color = PHASE_COLORS.get(key, "grey")
             ax.broken_barh([(1e3 * e.start, 1e3 * e.seconds)], (rank - 0.4, 0.8), color=color, edgecolor="black",
-                           linewidth=0.3, label=None if e.phase in seen else e.phase)
-            seen[e.phase] = color
+                           linewidth=0.3, label=None if key in seen else key)
+            seen[key] = color
     ax.set_yticks(range(len(timelines)), [f"rank {r}" for r in range(len(timelines))])
     ax.set_ylim(len(timelines) - 0.5, -0.5)
     ax.set(xlabel="time since the step started (ms)", title=title)
