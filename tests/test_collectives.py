@@ -205,9 +205,9 @@ def test_node_limited_routing_bytes_equal_the_counts_taken_from_the_routing():
     results = launch(routing_rank, 4, args=(topo, 16, 4, 32, 8, [1, 2]), backend="gloo", timeout=120)
     row = 8 * 4
     for M in (0, 1):
-        flat = sum(r[M]["flat_bytes"] for r in results)
-        two_hop = sum(r[M]["two_hop_bytes"] for r in results)
+        flat, per_rank, two_hop = (sum(r[M][f"{k}_bytes"] for r in results) for k in ("flat", "per_rank", "two_hop"))
         assert flat == sum(r[M]["flat_analytic"] for r in results) > 0
+        assert per_rank == sum(r[M]["per_rank_analytic"] for r in results)
         assert two_hop == sum(r[M]["two_hop_analytic"] for r in results)
-        assert two_hop <= flat and two_hop <= (M + 1) * 4 * 32 * row      # at most M remote nodes per token
+        assert two_hop <= per_rank <= flat and two_hop <= (M + 1) * 4 * 32 * row   # ≤ M remote nodes per token
     assert all(r[0]["nodes_per_token"] == 1.0 for r in results)          # M = 1: every token on one node

@@ -15,6 +15,8 @@ algorithms are theirs:
   inside the nodes and cross the slow links with fewer, or fewer and larger, messages (Horovod's hierarchical
   all-reduce; DeepSeek-V3 / DeepEP's two-hop dispatch).
 
+Rounds are labelled on the timeline by what they do ("reduce-scatter 2", "across all-gather 1", …).
+
 Each takes ``net`` (an emulated :class:`~moelab.network.Network`: slow links, bytes counted per link class) and
 ``timeline`` (a :class:`~moelab.timeline.Timeline`: one event per round, with its bytes, for a Gantt chart).
 They run on the default process group, return new tensors and leave their inputs untouched. Built in
@@ -87,7 +89,7 @@ def chunk_sizes(n: int, p: int) -> list[int]:
     return [n // p + (1 if i < n % p else 0) for i in range(p)]
 
 
-def _ring_reduce_scatter(flat: torch.Tensor, ranks: list[int], net, timeline) -> list[torch.Tensor]:
+def _ring_reduce_scatter(flat: torch.Tensor, ranks: list[int], net, timeline, prefix: str = "") -> list[torch.Tensor]:
     """Ring reduce-scatter of ``flat`` (a private copy, summed in place) among ``ranks`` in ring order; returns its
     chunks, of which the one at this rank's position in ``ranks`` holds the sum over the ranks."""
     p, i = len(ranks), ranks.index(dist.get_rank())
@@ -99,19 +101,19 @@ def _ring_reduce_scatter(flat: torch.Tensor, ranks: list[int], net, timeline) ->
         # each chunk in SEGMENTS pieces: adding one piece overlaps the transfer of the next (as NCCL's slices)
         mine, incoming = chunks[recv].tensor_split(SEGMENTS), buffer[:chunks[recv].numel()].tensor_split(SEGMENTS)
         exchange([(right, piece) for piece in chunks[send].tensor_split(SEGMENTS)],
-                 [(left, piece) for piece in incoming], net, timeline, f"reduce-scatter {s + 1}",
+                 [(left, piece) for piece in incoming], net, timeline, f"{prefix}reduce-scatter {s + 1}",
                  arrived=lambda j: mine[j].add_(incoming[j]))
     return chunks
 
 
-def _ring_all_gather(chunks: list[torch.Tensor], ranks: list[int], net, timeline) -> None:
+def _ring_all_gather(chunks: list[torch.Tensor], ranks: list[int], net, timeline, prefix: str = "") -> None:
     """Ring all-gather in place: the chunk at this rank's position in ``ranks`` is filled; after ``p−1`` rounds all
     are (each round passes on the chunk received in the round before)."""
     p, i = len(ranks), ranks.index(dist.get_rank())
     right, left = ranks[(i + 1) % p], ranks[(i - 1) % p]
     for s in range(p - 1):
         send, recv = (i - s) % p, (i - s - 1) % p
-        exchange([(right, chunks[send])], [(left, chunks[recv])], net, timeline, f"all-gather {s + 1}")
+        exchange([(right, chunks[send])], [(left, chunks[recv])], net, timeline, f"{prefix}all-gather {s + 1}")
 
 
 def ring_reduce_scatter(x: torch.Tensor, net: Network | None = None, timeline: Timeline | None = None) -> torch.Tensor:
@@ -273,7 +275,7 @@ def _check_topology(topology: Topology) -> None:
 
 def hierarchical_all_reduce(x: torch.Tensor, topology: Topology, net: Network | None = None,
                             timeline: Timeline | None = None) -> torch.Tensor:
-    """Two-level all-reduce (Horovod's hierarchical all-reduce, and the shape of NCCL's Tree): a ring
+    """Two-level all-reduce (Horovod's hierarchical all-reduce): a ring
     reduce-scatter inside each node leaves local rank ``l`` with chunk ``l`` summed over the node; the ranks with
     the same local index ring-all-reduce that chunk across the nodes (each crossing the slow links with 1/G of
     the buffer, G = ranks per node); a ring all-gather inside the node assembles the result."""
@@ -282,12 +284,13 @@ def hierarchical_all_reduce(x: torch.Tensor, topology: Topology, net: Network | 
     node, local = topology.node(r), topology.local(r)
     flat = x.detach().flatten().clone()
     inside = topology.node_ranks(node)
-    chunks = _ring_reduce_scatter(flat, inside, net, timeline)
+    chunks = _ring_reduce_scatter(flat, inside, net, timeline, "inside ")
     across = topology.peers(local)
     if len(across) > 1:
         mine = chunks[local]
-        _ring_all_gather(_ring_reduce_scatter(mine, across, net, timeline), across, net, timeline)
-    _ring_all_gather(chunks, inside, net, timeline)
+        _ring_all_gather(_ring_reduce_scatter(mine, across, net, timeline, "across "), across, net, timeline,
+                         "across ")
+    _ring_all_gather(chunks, inside, net, timeline, "inside ")
     return flat.view_as(x)
 
 

@@ -73,7 +73,7 @@ class Topology:
 
 
 # Illustrative link classes, scaled down so that their delays dominate what loopback itself costs on a laptop
-# (gloo between 4 processes on 2 cores: ~0.6 ms per round, 100-500 MB/s): the *ratio* is what they teach, a
+# (gloo between 4 processes on 2 cores: ~1-2 ms per round, 100-500 MB/s): the *ratio* is what they teach, a
 # slow link 10× below the fast one in bandwidth and 5× above it in latency. For scale: NVLink on an H800
 # carries 160 GB/s as DeepSeek measured it, InfiniBand 50 GB/s (3.2× less), 25 GbE about 3 GB/s (50× less).
 FAST = Link("fast", alpha=1e-3, beta=100e6)
@@ -82,7 +82,9 @@ SLOW = Link("slow", alpha=5e-3, beta=10e6)
 
 @dataclass
 class Network:
-    """An emulated two-level network: ``intra`` links inside a node, ``inter`` links between nodes.
+    """An emulated two-level network: ``intra`` links inside a node, ``inter`` links between nodes. Every rank has
+    its own link to each peer (one NIC per GPU, as DeepSeek-V3's nodes have 8 NICs for 8 GPUs); a node whose
+    ranks share one NIC would be slower than this model.
 
     :func:`moelab.collectives.exchange` asks it how long each round must take (:meth:`round_time`) and reports
     each message it sent (:meth:`count`); ``sent_bytes`` and ``messages`` are per link class name."""
@@ -138,15 +140,16 @@ class Network:
 
 
 ALGORITHMS = ("ring_all_reduce", "halving_doubling_all_reduce", "ring_reduce_scatter", "ring_all_gather",
-              "tree_broadcast", "tree_reduce", "pairwise_all_to_all", "hierarchical_all_reduce")
+              "tree_broadcast", "tree_reduce", "pairwise_all_to_all", "hierarchical_all_reduce",
+              "hierarchical_all_to_all")
 
 
 def cost(algorithm: str, nbytes: float, p: int, link: Link, topology: Topology | None = None,
          inter: Link | None = None) -> float:
     """Predicted seconds of ``algorithm`` on ``p`` ranks for a buffer of ``nbytes`` per rank (for all-to-all: the
-    bytes each rank sends in all, spread evenly; for all-gather: the gathered buffer), every message over
-    ``link``. ``hierarchical_all_reduce`` takes a ``topology`` and the ``inter``-node link; ``link`` is then
-    the intra-node one. Chunks are assumed equal (``nbytes / p``)."""
+    whole send buffer, split evenly over the ranks, this rank's own share included; for all-gather: the
+    gathered buffer), every message over ``link``. The hierarchical algorithms take a ``topology`` and the
+    ``inter``-node link; ``link`` is then the intra-node one. Chunks are assumed equal (``nbytes / p``)."""
     lg = math.ceil(math.log2(p)) if p > 1 else 0
     a, b = link.alpha, 1.0 / link.beta
     if algorithm == "ring_reduce_scatter" or algorithm == "ring_all_gather":
@@ -162,6 +165,11 @@ def cost(algorithm: str, nbytes: float, p: int, link: Link, topology: Topology |
         return lg * (a + nbytes * b)
     if algorithm == "pairwise_all_to_all":
         return (p - 1) * (a + nbytes / p * b)
+    if algorithm == "hierarchical_all_to_all":
+        if topology is None or inter is None:
+            raise ValueError("hierarchical_all_to_all needs topology and inter; allowed: a Topology and a Link")
+        G, N = topology.per_node, topology.nodes
+        return (N - 1) * inter.time(nbytes * G / p) + (G - 1) * link.time(nbytes * N / p)
     if algorithm == "hierarchical_all_reduce":
         if topology is None or inter is None:
             raise ValueError("hierarchical_all_reduce needs topology and inter; allowed: a Topology and a Link")

@@ -175,12 +175,16 @@ def routing_rank(rank: int, world_size: int, topology: Topology, n_experts: int,
     ``n_group = nodes``, ``topk_group = M``) picks ``top_k`` experts per token. Then the rows go out two ways
     over an emulated network, and the bytes crossing the slow links are counted:
 
-    - *flat*: one row per (token, expert) to the expert's rank (:func:`moelab.collectives.pairwise_all_to_all`);
+    - *flat*: one row per (token, expert) to the expert's rank (:func:`moelab.collectives.pairwise_all_to_all`),
+      as :func:`moelab.ep.expert_parallel` sends them;
+    - *per rank*: one row per (token, rank holding any of its experts), the copies for one rank merged;
     - *two-hop*: one row per (token, remote node) to the same local index on that node (DeepSeek-V3 / DeepEP),
       which forwards it inside the node over the fast links (that second hop is not run here: it never
       touches a slow link).
 
-    Returns per ``M`` the measured slow-link bytes of both, and the analytic counts from the routing itself."""
+    Every rank has its own slow link to each peer (one NIC per GPU, as DeepSeek-V3's nodes have 8 NICs for 8
+    GPUs). Returns per ``M`` the measured slow-link bytes of each, and the analytic counts from the routing
+    itself."""
     from ..config import ModelConfig
     from ..router import SigmoidRouter
 
@@ -207,6 +211,15 @@ def routing_rank(rank: int, world_size: int, topology: Topology, n_experts: int,
         net.reset()
         C.pairwise_all_to_all(rows, send, _exchange_splits(send), net)
         flat = net.sent_bytes.get(net.inter.name, 0)
+        # per rank: one row per (token, remote rank holding any of its experts)
+        rank_pairs = sorted({(t, int(o)) for t in range(tokens) for o in owner[t]
+                             if topology.node(int(o)) != me_node}, key=lambda pair: pair[1])
+        dest = torch.tensor([o for _, o in rank_pairs], dtype=torch.long)
+        per_rank_rows = x[torch.tensor([t for t, _ in rank_pairs], dtype=torch.long)] if rank_pairs else x[:0]
+        send = _counts_to(dest, p)
+        net.reset()
+        C.pairwise_all_to_all(per_rank_rows, send, _exchange_splits(send), net)
+        per_rank = net.sent_bytes.get(net.inter.name, 0)
         # two-hop: hop 1, one row per (token, remote node), to (node, my local index)
         hop_nodes = [sorted({int(n) for n in node_of[t]} - {me_node}) for t in range(tokens)]
         pairs = [(t, topology.rank(n, topology.local(rank))) for t, ns in enumerate(hop_nodes) for n in ns]
@@ -219,8 +232,8 @@ def routing_rank(rank: int, world_size: int, topology: Topology, n_experts: int,
         two_hop = net.sent_bytes.get(net.inter.name, 0)
         row = d_model * x.element_size()
         remote = node_of != me_node
-        out.append({"max_nodes": M, "flat_bytes": flat, "two_hop_bytes": two_hop,
-                    "flat_analytic": int(remote.sum()) * row,
+        out.append({"max_nodes": M, "flat_bytes": flat, "per_rank_bytes": per_rank, "two_hop_bytes": two_hop,
+                    "flat_analytic": int(remote.sum()) * row, "per_rank_analytic": len(rank_pairs) * row,
                     "two_hop_analytic": sum(len(ns) for ns in hop_nodes) * row,
                     "nodes_per_token": float(torch.tensor([len({int(n) for n in node_of[t]}) for t in range(tokens)],
                                                           dtype=torch.float).mean())})
