@@ -59,9 +59,10 @@ def exchange(sends: Sequence[Message], recvs: Sequence[Message], net: Network | 
             sizes = [(peer, t.numel() * t.element_size()) for peer, t in sends]
             recv_sizes = [(peer, t.numel() * t.element_size()) for peer, t in recvs]
             begin = net.begin(start, net.round_time(me, sizes, recv_sizes))
-            stamp = torch.tensor([begin], dtype=torch.float64)
+            device = (sends or recvs)[0][1].device if sends or recvs else torch.device("cpu")
+            stamp = torch.tensor([begin], dtype=torch.float64, device=device)
             senders = sorted({peer for peer, _ in recvs})
-            stamps = {peer: torch.empty(1, dtype=torch.float64) for peer in senders}
+            stamps = {peer: torch.empty(1, dtype=torch.float64, device=device) for peer in senders}
             ops += [dist.P2POp(dist.isend, stamp, peer) for peer in sorted({peer for peer, _ in sends})]
             ops += [dist.P2POp(dist.irecv, stamps[peer], peer) for peer in senders]
         if ops:
