@@ -241,7 +241,9 @@ def _check_root(root: int, p: int) -> None:
         raise ValueError(f"root = {root!r} is not allowed; allowed: a rank in 0..{p - 1}")
 
 
-def _check_splits(x: torch.Tensor, send_splits: Sequence[int], recv_splits: Sequence[int], p: int):
+def check_splits(x: torch.Tensor, send_splits: Sequence[int], recv_splits: Sequence[int],
+                 p: int) -> tuple[list[int], list[int]]:
+    """The splits of an all-to-all of the rows of ``x`` on ``p`` ranks as lists of ints, or a clear error."""
     send, recv = [int(n) for n in send_splits], [int(n) for n in recv_splits]
     if len(send) != p or len(recv) != p:
         raise ValueError(f"send_splits has {len(send)} entries and recv_splits {len(recv)}; allowed: {p} each, "
@@ -257,7 +259,7 @@ def pairwise_all_to_all(x: torch.Tensor, send_splits: Sequence[int], recv_splits
     ``s = 1 … p−1`` rank ``r`` sends its rows for ``r+s`` and receives ``r−s``'s rows for it — one send and one
     receive per round, so no rank is flooded by all the others at once."""
     p, r = dist.get_world_size(), dist.get_rank()
-    send, recv = _check_splits(x, send_splits, recv_splits, p)
+    send, recv = check_splits(x, send_splits, recv_splits, p)
     outgoing = list(x.detach().split(send))
     out = x.new_empty((sum(recv), *x.shape[1:]))
     incoming = list(out.split(recv))
@@ -310,7 +312,7 @@ def hierarchical_all_to_all(x: torch.Tensor, counts: torch.Tensor, topology: Top
     if tuple(counts.shape) != (p, p):
         raise ValueError(f"counts has shape {tuple(counts.shape)}; allowed: ({p}, {p}), rows sent from rank i to j")
     counts = counts.cpu()
-    _check_splits(x, counts[r].tolist(), counts[:, r].tolist(), p)
+    check_splits(x, counts[r].tolist(), counts[:, r].tolist(), p)
     G, N = topology.per_node, topology.nodes
     node, local = topology.node(r), topology.local(r)
     rows = list(x.detach().split(counts[r].tolist()))

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 import torch.distributed as dist
 
+from .collectives import check_splits
 from .dispatch import assignments, combine, grouped_experts, permute
 from .ffn import Experts
 from .router import Routing
@@ -71,13 +72,7 @@ def all_to_all(x: torch.Tensor, send_splits: Sequence[int], recv_splits: Sequenc
     """Send the first ``send_splits[0]`` rows of ``x`` to rank 0, the next ``send_splits[1]`` to rank 1, …; return
     the rows received, ``recv_splits[j]`` of them from rank ``j``, in rank order. Differentiable: the backward
     pass is the same exchange with the splits swapped, recorded on ``timeline`` as phase ``"<name> backward"``."""
-    send_splits, recv_splits = [int(n) for n in send_splits], [int(n) for n in recv_splits]
-    world = dist.get_world_size(group)
-    if len(send_splits) != world or len(recv_splits) != world:
-        raise ValueError(f"send_splits has {len(send_splits)} entries and recv_splits {len(recv_splits)}; "
-                         f"allowed: {world} each, one per rank")
-    if sum(send_splits) != x.shape[0]:
-        raise ValueError(f"send_splits add up to {sum(send_splits)} rows but x has {x.shape[0]}; allowed: equal")
+    send_splits, recv_splits = check_splits(x, send_splits, recv_splits, dist.get_world_size(group))
     return _AllToAll.apply(x, send_splits, recv_splits, group, timeline, name)
 
 

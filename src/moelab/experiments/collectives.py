@@ -185,7 +185,6 @@ def routing_rank(rank: int, world_size: int, topology: Topology, n_experts: int,
     Every rank has its own slow link to each peer (one NIC per GPU, as DeepSeek-V3's nodes have 8 NICs for 8
     GPUs). Returns per ``M`` the measured slow-link bytes of each, and the analytic counts from the routing
     itself."""
-    from ..config import ModelConfig
     from ..router import SigmoidRouter
 
     net = Network(topology)
@@ -195,8 +194,6 @@ def routing_rank(rank: int, world_size: int, topology: Topology, n_experts: int,
     x = torch.randn(tokens, d_model, generator=g)
     out = []
     for M in max_nodes:
-        ModelConfig(vocab_size=2, d_model=d_model, n_head=1, n_routed_experts=n_experts, top_k=top_k,
-                    router="sigmoid", n_group=nodes, topk_group=M)          # checks the routing fields
         torch.manual_seed(seed)
         router = SigmoidRouter(d_model, n_experts, top_k, n_group=nodes, topk_group=M)
         with torch.no_grad():
