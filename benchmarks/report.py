@@ -113,8 +113,27 @@ def _size(nbytes: int) -> str:
     return f"{nbytes // 2**20} MB" if nbytes >= 2**20 else f"{nbytes // 2**10} KB"
 
 
+def quant_block(r: dict) -> str:
+    gemm = [row for row in r["rows"] if row["kind"] == "gemm"]
+    lines = ["| M = N = K | fp32 | bf16 | int8 (`torch._int_mm`) | int8 speed vs fp32 |", "|---|---|---|---|---|"]
+    for n in dict.fromkeys(row["size"] for row in gemm):
+        by = {row["dtype"]: row for row in gemm if row["size"] == n}
+        lines.append(f"| {n} | {by['fp32']['ms']:.2f} ms | {by['bf16']['ms']:.2f} ms | {by['int8']['ms']:.2f} ms | "
+                     f"{by['int8']['speed_vs_fp32']:.2f}× |")
+    lines += ["", "| routed experts in | val loss of the course model | change | expert bytes |", "|---|---|---|---|"]
+    for row in (row for row in r["rows"] if row["kind"] == "val_loss"):
+        lines.append(f"| {row['scheme']} | {row['val_loss']:.5f} | {row['relative_increase']:+.4%} | "
+                     f"{row['expert_bytes']:,d} |")
+    payload = next(row for row in r["rows"] if row["kind"] == "payload" and row["d_model"] == 7168)
+    lines += ["", f"FP8 dispatch row with 1×128 fp32 scales, hidden 7168: {payload['fp8_bytes']:,d} B, "
+              f"{payload['vs_fp32']:.3f}× fp32, {payload['vs_bf16']:.3f}× bf16.", "Targets: " + "; ".join(
+                  f"{t['name']} {t['op']} {t['target']}: {t['value']} ({'met' if t['met'] else 'missed'})"
+                  for t in r["targets"]) + "."]
+    return "\n".join(lines)
+
+
 BLOCKS = {"notebooks": notebooks_block, "moe_dispatch": moe_dispatch_block, "train_throughput": train_throughput_block,
-          "expert_parallel": expert_parallel_block, "collectives": collectives_block}
+          "expert_parallel": expert_parallel_block, "collectives": collectives_block, "quant": quant_block}
 
 
 def main() -> None:

@@ -48,3 +48,99 @@ def test_pack_and_unpack_keep_every_byte(fmt):
     q2, s2 = unpack(packed, 256, fmt)
     assert q2.dtype == q.dtype and torch.equal(q2.view(torch.uint8), q.view(torch.uint8))
     assert torch.equal(s2, scales)
+
+
+from moelab.quant import (block_scales, dequantize_blocks, fp8_block_gemm, int8_mm, quantize_blocks,  # noqa: E402
+                          scaled_mm, w8a8_linear)
+
+MANTISSA = {"fp8_e4m3": (3, -6), "fp8_e5m2": (2, -14)}                 # mantissa bits, smallest normal exponent
+
+
+def half_step(v: torch.Tensor, fmt: str) -> torch.Tensor:
+    """Half the spacing of the format's grid around each value ``v`` (in scaled units)."""
+    if fmt == "int8":
+        return torch.full_like(v, 0.5)
+    m, emin = MANTISSA[fmt]
+    e = torch.floor(torch.log2(v.abs().clamp(min=1e-30))).clamp(min=emin)
+    return torch.exp2(e - m - 1)
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2", "int8"])
+@pytest.mark.parametrize("block", [(1, 128), (128, 128), (1, 300), (200, 300), (7, 5)])
+@pytest.mark.parametrize("pow2", [False, True])
+def test_every_granularity_round_trips_within_half_a_step_of_its_grid(fmt, block, pow2):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(200, 300, generator=g) * torch.logspace(-3, 2, 300)   # channels of very different sizes
+    x[3, 17] = 5000.0
+    q, scales = quantize_blocks(x, fmt, block, pow2)
+    assert q.dtype == FORMATS_[fmt] and q.shape == x.shape
+    assert scales.shape == (-(-200 // block[0]), -(-300 // block[1]))
+    full = scales.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)[:200, :300].double()
+    back = dequantize_blocks(q, scales, block).double()
+    assert ((back - x.double()).abs() <= half_step(x.double() / full, fmt) * full * (1 + 1e-6)).all()
+    if pow2:
+        assert torch.equal(torch.exp2(torch.log2(scales).round()), scales)
+
+
+FORMATS_ = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2, "int8": torch.int8}
+
+
+def test_power_of_two_scales_only_shift_exponents_so_the_cast_is_torchs_own():
+    x = torch.randn(4, 128) * 3
+    q, scales = quantize_blocks(x, "fp8_e4m3", (1, 128), pow2=True)
+    assert torch.equal(q.view(torch.uint8), (x / scales).to(torch.float8_e4m3fn).view(torch.uint8))
+    assert (scales >= x.abs().amax(1, keepdim=True) / 448).all()
+
+
+def test_values_beyond_the_format_and_subnormal_inputs_are_scaled_not_lost():
+    big = torch.tensor([[1e6, -3e6, 5.0]])
+    back = dequantize_blocks(*quantize_blocks(big, "fp8_e5m2", (1, 3)), (1, 3))
+    assert torch.isfinite(back).all() and (back - big).abs().max() <= 3e6 * 2 ** -3
+    tiny = torch.tensor([[1e-42, -3e-42, 2e-43]])                          # fp32 subnormals
+    back = dequantize_blocks(*quantize_blocks(tiny, "int8", (1, 3)), (1, 3))
+    assert (back - tiny).abs().max() <= 3e-42 / 127 / 2 * 1.01 and back[0, 1] < 0
+
+
+def test_int8_mm_equals_an_exact_integer_product():
+    g = torch.Generator().manual_seed(0)
+    for M in (1, 17, 64):
+        a = torch.randint(-127, 128, (M, 96), generator=g, dtype=torch.int8)
+        b = torch.randint(-127, 128, (40, 96), generator=g, dtype=torch.int8)
+        got = int8_mm(a, b)
+        assert got.dtype == torch.int32
+        assert torch.equal(got.long(), (a.long()[:, None, :] * b.long()[None]).sum(-1))
+    with pytest.raises(ValueError, match="allowed: torch.int8 both"):
+        int8_mm(a.float(), b)
+
+
+def test_block_scaled_fp8_gemm_equals_a_float64_product_of_the_dequantised_operands():
+    g = torch.Generator().manual_seed(0)
+    a, w = torch.randn(33, 300, generator=g), torch.randn(200, 300, generator=g)
+    a_q, a_s = quantize_blocks(a, "fp8_e4m3", (1, 128))
+    w_q, w_s = quantize_blocks(w, "fp8_e4m3", (128, 128))
+    got = fp8_block_gemm(a_q, a_s, w_q, w_s)
+    ref = dequantize_blocks(a_q, a_s, (1, 128)).double() @ dequantize_blocks(w_q, w_s, (128, 128)).double().t()
+    bound = 300 * 2 ** -23 * (a.abs().double() @ w.abs().double().t()) * 2        # fp32 sums of 128 products
+    assert ((got.double() - ref).abs() <= bound).all()
+    assert ((got - a @ w.t()).abs() / (a.abs() @ w.abs().t())).max() < 0.05       # and FP8 is close to fp32
+
+
+@pytest.mark.parametrize("rowwise", [False, True])
+def test_scaled_mm_equals_the_emulated_product(rowwise):
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(32, 64, generator=g), torch.randn(48, 64, generator=g)
+    block_a, block_b = ((1, 64), (1, 64)) if rowwise else ((32, 64), (48, 64))
+    (a_q, a_s), (b_q, b_s) = quantize_blocks(a, "fp8_e4m3", block_a), quantize_blocks(b, "fp8_e4m3", block_b)
+    if not rowwise:
+        a_s, b_s = a_s.view(()), b_s.view(())
+    expected = (a_q.float() @ b_q.float().t()) * a_s * (b_s.view(1, -1) if rowwise else b_s)
+    torch.testing.assert_close(scaled_mm(a_q, a_s, b_q, b_s), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_w8a8_linear_is_close_to_the_fp32_product():
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(64, 256, generator=g), torch.randn(128, 256, generator=g)
+    w_q, w_s = quantize_blocks(w, "int8", (1, 256))
+    got, exact = w8a8_linear(x, w_q, w_s), x @ w.t()
+    assert ((got - exact).abs() / (x.abs() @ w.abs().t())).max() < 0.01
+    assert block_scales(w, "int8", (1, 256)).shape == (128, 1)

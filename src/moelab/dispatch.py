@@ -41,7 +41,10 @@ def grouped_mm_available() -> bool:
 def grouped_mm_supported(x: torch.Tensor, experts: Experts) -> bool:
     """Whether ``torch._grouped_mm`` takes these rows and weights: on CPU fp32/bf16/fp16, on CUDA bf16 (the
     documented case, SM >= 80), with every row 16-byte aligned (``d_model`` and ``d_expert`` times the element
-    size divisible by 16). Anything else runs the sorted loop, which gives the same result."""
+    size divisible by 16). Anything else runs the sorted loop, which gives the same result — and so do experts
+    without stacked float weights (:class:`moelab.qexperts.QuantizedExperts`)."""
+    if not isinstance(experts, Experts):
+        return False
     dtypes = {torch.float32, torch.bfloat16, torch.float16} if x.device.type == "cpu" else {torch.bfloat16}
     aligned = all(n * x.element_size() % 16 == 0 for n in (experts.d_model, experts.d_expert))
     return aligned and x.dtype in dtypes and experts.w_gate.dtype == x.dtype and grouped_mm_available()

@@ -1,13 +1,29 @@
-"""8-bit numbers with scales: FP8 (E4M3, E5M2) and INT8, one scale per 1×``block`` tile of the last dimension.
+"""8-bit numbers with scales: FP8 (E4M3, E5M2) and INT8, at any granularity from one scale per tensor to one per
+1×128 tile, and the matmuls that use them.
 
-DeepSeek-V3 (§3.3.1) quantises activations in 1×128 tiles: each run of 128 values along the hidden dimension
-shares one fp32 scale, ``amax / format_max``, so one outlier spoils only its own tile. Quantising is
-``q = cast(clamp(x / scale, ±format_max))`` and dequantising ``q · scale``. The clamp is explicit because torch's
-CPU cast saturates E4M3 silently (even inf → 448) and overflows E5M2 to inf; with the tile's own amax the clamp
-only ever trims rounding. An all-zero tile gets scale 1 (no 0/0). INT8 is symmetric: ``round(x / scale)`` in
-``[−127, 127]``. Used for the compressed all-to-all of :mod:`moelab.collectives`.
+**Scales by block.** A 2-D tensor is cut into ``block = (rows, cols)`` blocks, each with one fp32 scale
+``amax / format_max``: ``(1, 128)`` is DeepSeek-V3's activation tile ("per token per 128 channels"),
+``(128, 128)`` its weight block, ``(1, d)`` one scale per row (per output channel of a weight ``(out, in)``),
+``(rows, cols)`` of the whole tensor one scale per tensor. :func:`quantize` is the 1×``block`` case along the
+last dimension of any tensor (what the compressed all-to-all sends).
+
+**Policies** (each tested): quantising is ``q = cast(clamp(x / scale, ±format_max))``. The clamp is explicit
+because torch's CPU cast saturates E4M3 silently (even inf → 448) and overflows E5M2 to inf; with the block's own
+amax it only ever trims rounding. An all-zero block gets scale 1 (no 0/0). Inputs holding inf or NaN are refused
+(a scale cannot represent them). Scales and the division are computed in float64, so fp32 subnormal inputs are
+scaled up exactly instead of being flushed. ``pow2=True`` rounds each scale up to a power of two (DeepSeek-V3 uses
+them for its dispatch activations): dequantising then only changes exponents. INT8 is symmetric:
+``round(x / scale)`` in ``[−127, 127]``.
+
+**Matmuls.** :func:`int8_mm` runs ``torch._int_mm`` (int8 × int8 → int32, exact) where the installed torch has
+it, else an exact emulation; :func:`fp8_block_gemm` is DeepSeek-V3's block-scaled FP8 GEMM in plain torch (each
+128-wide K block's products summed in fp32, then multiplied by both scales, as the reference
+``inference/kernel.py`` does); :func:`scaled_mm` uses ``torch._scaled_mm`` for per-tensor or per-row FP8 scales
+where available, else the same emulation.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -15,41 +31,72 @@ FORMATS = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2, "int8
 FORMAT_MAX = {"fp8_e4m3": 448.0, "fp8_e5m2": 57344.0, "int8": 127.0}
 
 
-def _check(fmt: str, block: int) -> None:
+def _check(fmt: str, block) -> tuple[int, int]:
     if fmt not in FORMATS:
         raise ValueError(f"fmt = {fmt!r} is not allowed; allowed: {', '.join(FORMATS)}")
-    if not (isinstance(block, int) and block >= 1):
-        raise ValueError(f"block = {block!r} is not allowed; allowed: an integer >= 1")
+    block = (1, block) if isinstance(block, int) else tuple(block)
+    if len(block) != 2 or not all(isinstance(b, int) and b >= 1 for b in block):
+        raise ValueError(f"block = {block!r} is not allowed; allowed: an integer >= 1, or (rows, cols) of them")
+    return block
 
 
-def _tiles(x: torch.Tensor, block: int) -> torch.Tensor:
-    """``x`` as ``(..., n_tiles, block)``, the last tile zero-padded."""
-    d = x.shape[-1]
-    pad = (-d) % block
-    if pad:
-        x = torch.nn.functional.pad(x, (0, pad))
-    return x.reshape(*x.shape[:-1], (d + pad) // block, block)
+def _pad_to_blocks(x: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """``x`` ``(R, C)`` zero-padded to whole blocks and viewed as ``(R/br, br, C/bc, bc)``."""
+    (R, C), (br, bc) = x.shape, block
+    x = torch.nn.functional.pad(x, (0, (-C) % bc, 0, (-R) % br))
+    return x.view(x.shape[0] // br, br, x.shape[1] // bc, bc)
 
 
-def quantize(x: torch.Tensor, fmt: str = "fp8_e4m3", block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(q, scales)``: ``q`` in ``fmt`` with ``x``'s shape, ``scales`` fp32 of shape ``(..., ceil(d / block))``."""
-    _check(fmt, block)
+def block_scales(x: torch.Tensor, fmt: str, block, pow2: bool = False) -> torch.Tensor:
+    """One fp32 scale per ``block`` of ``x`` ``(R, C)``: ``amax / format_max`` (1 where the block is all zero),
+    rounded up to a power of two with ``pow2``. Shape ``(ceil(R/br), ceil(C/bc))``."""
+    block = _check(fmt, block)
+    if x.dim() != 2:
+        raise ValueError(f"x has {x.dim()} dimensions; allowed: 2 (use quantize() for 1×block tiles of any tensor)")
     if not torch.isfinite(x).all():
         raise ValueError("x holds inf or NaN; allowed: finite values (a scale cannot represent them)")
-    tiles = _tiles(x.float(), block)
-    amax = tiles.abs().amax(-1, keepdim=True)
+    amax = _pad_to_blocks(x.double(), block).abs().amax(dim=(1, 3))
     scales = torch.where(amax > 0, amax / FORMAT_MAX[fmt], torch.ones_like(amax))
-    scaled = (tiles / scales).clamp(-FORMAT_MAX[fmt], FORMAT_MAX[fmt])
+    if pow2:
+        scales = torch.exp2(torch.ceil(torch.log2(scales)))
+    return scales.float()
+
+
+def quantize_blocks(x: torch.Tensor, fmt: str = "fp8_e4m3", block=(1, 128),
+                    pow2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q, scales)`` for ``x`` ``(R, C)``: ``q`` in ``fmt`` with ``x``'s shape, one fp32 scale per block."""
+    block = _check(fmt, block)
+    scales = block_scales(x, fmt, block, pow2)
+    tiles = _pad_to_blocks(x.double(), block) / scales.double()[:, None, :, None]
+    tiles = tiles.clamp(-FORMAT_MAX[fmt], FORMAT_MAX[fmt])
     if fmt == "int8":
-        scaled = scaled.round()
-    q = scaled.to(FORMATS[fmt]).reshape(*x.shape[:-1], -1)[..., :x.shape[-1]]
-    return q, scales.squeeze(-1)
+        tiles = tiles.round()
+    q = tiles.reshape(tiles.shape[0] * block[0], -1)[: x.shape[0], : x.shape[1]]
+    return q.to(FORMATS[fmt]), scales
+
+
+def dequantize_blocks(q: torch.Tensor, scales: torch.Tensor, block=(1, 128),
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``q · scale`` per block, in ``dtype``."""
+    br, bc = (1, block) if isinstance(block, int) else block
+    full = scales.repeat_interleave(br, 0).repeat_interleave(bc, 1)[: q.shape[0], : q.shape[1]]
+    return (q.float() * full).to(dtype)
+
+
+def quantize(x: torch.Tensor, fmt: str = "fp8_e4m3", block: int = 128,
+             pow2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """1×``block`` tiles along the last dimension of ``x`` (any shape): ``q`` with ``x``'s shape, ``scales`` fp32
+    of shape ``(..., ceil(d / block))``."""
+    _check(fmt, block)
+    flat = x.reshape(-1, x.shape[-1]) if x.dim() else x.reshape(1, 1)
+    q, scales = quantize_blocks(flat, fmt, (1, block), pow2)
+    return q.view(x.shape), scales.view(*x.shape[:-1], -1)
 
 
 def dequantize(q: torch.Tensor, scales: torch.Tensor, block: int = 128, dtype: torch.dtype = torch.float32):
-    """``q · scale`` per tile, in ``dtype``."""
-    tiles = _tiles(q.float(), block)
-    return (tiles * scales.unsqueeze(-1)).reshape(*q.shape[:-1], -1)[..., :q.shape[-1]].to(dtype)
+    """The inverse of :func:`quantize` (up to rounding): ``q · scale`` per tile, in ``dtype``."""
+    flat = dequantize_blocks(q.reshape(-1, q.shape[-1]), scales.reshape(-1, scales.shape[-1]), (1, block), dtype)
+    return flat.view(q.shape)
 
 
 def pack(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -63,3 +110,62 @@ def unpack(packed: torch.Tensor, d: int, fmt: str) -> tuple[torch.Tensor, torch.
     _check(fmt, 1)
     q = packed[:, :d].contiguous().view(FORMATS[fmt])
     return q, packed[:, d:].contiguous().view(torch.float32)
+
+
+def int8_mm_available() -> bool:
+    """Whether ``torch._int_mm`` runs here (feature-detected once on a tiny product)."""
+    global _INT_MM
+    if _INT_MM is None:
+        try:
+            a = torch.ones(32, 32, dtype=torch.int8)
+            _INT_MM = bool(torch.equal(torch._int_mm(a, a), torch.full((32, 32), 32, dtype=torch.int32)))
+        except (AttributeError, RuntimeError, NotImplementedError):
+            _INT_MM = False
+    return _INT_MM
+
+
+_INT_MM: bool | None = None
+
+
+def int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b.T`` for int8 ``a`` ``(M, K)`` and ``b`` ``(N, K)``, exact, in int32: ``torch._int_mm`` where available,
+    else products summed in float64 (exact while ``K·127² < 2^53``)."""
+    if a.dtype != torch.int8 or b.dtype != torch.int8:
+        raise ValueError(f"a and b are {a.dtype} and {b.dtype}; allowed: torch.int8 both")
+    if int8_mm_available() and a.shape[0] > 16:
+        return torch._int_mm(a, b.t())
+    return (a.double() @ b.double().t()).to(torch.int32)
+
+
+def w8a8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scales: torch.Tensor) -> torch.Tensor:
+    """``x @ W.T`` with ``W`` given as int8 ``w_q`` ``(N, K)`` and one scale per output channel ``w_scales`` ``(N, 1)``:
+    ``x`` is quantised per row on the fly (dynamic INT8), multiplied in int32 by :func:`int8_mm`, and rescaled."""
+    x_q, x_scales = quantize_blocks(x, "int8", (1, x.shape[1]))
+    return int8_mm(x_q, w_q).float() * x_scales * w_scales.view(1, -1)
+
+
+def fp8_block_gemm(a_q: torch.Tensor, a_scales: torch.Tensor, b_q: torch.Tensor, b_scales: torch.Tensor,
+                   block: int = 128) -> torch.Tensor:
+    """DeepSeek-V3's block-scaled FP8 GEMM, ``a @ b.T`` in fp32: ``a_q`` ``(M, K)`` FP8 with 1×``block`` tile scales
+    ``(M, K/block)``, ``b_q`` ``(N, K)`` FP8 with ``block``×``block`` scales ``(N/block, K/block)``. Each K block's
+    products are summed in fp32 and multiplied by the activation tile's and the weight block's scales, then the
+    K blocks are added (the reference kernel's semantics)."""
+    M, K = a_q.shape
+    out = torch.zeros(M, b_q.shape[0])
+    w_scale_rows = b_scales.repeat_interleave(block, 0)[: b_q.shape[0]]              # (N, K/block)
+    for kb in range(math.ceil(K / block)):
+        cols = slice(kb * block, min(K, (kb + 1) * block))
+        partial = a_q[:, cols].float() @ b_q[:, cols].float().t()                     # fp32 sums of fp8 products
+        out += partial * a_scales[:, kb:kb + 1] * w_scale_rows[:, kb].view(1, -1)
+    return out
+
+
+def scaled_mm(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor) -> torch.Tensor:
+    """``a @ b.T`` in fp32 for FP8 ``a_q`` ``(M, K)``, ``b_q`` ``(N, K)`` with per-tensor scales (0-d) or per-row ones
+    (``(M, 1)`` and ``(N, 1)``): ``torch._scaled_mm`` where it runs, else products in fp32 times the scales."""
+    try:
+        return torch._scaled_mm(a_q, b_q.t(), scale_a=a_scale.float(), scale_b=b_scale.float().view(1, -1)
+                                if b_scale.dim() else b_scale.float(), out_dtype=torch.float32)
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return (a_q.float() @ b_q.float().t()) * a_scale.float() * (b_scale.float().view(1, -1)
+                                                                     if b_scale.dim() else b_scale.float())
