@@ -1,4 +1,5 @@
 """The expert-parallel all-to-all on real gloo ranks: uneven splits, empty sends, and its gradient."""
+import copy
 import json
 import os
 import subprocess
@@ -176,3 +177,43 @@ def test_expert_parallel_equals_one_process_on_two_gpus_with_nccl():
         checks.pop("received")
         for name, (got, expected) in checks.items():
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5, msg=lambda m: f"rank {rank} {name}: {m}")
+
+
+def fp8_wire_rank(rank, world_size):
+    """The EP layer with FP8 dispatch and BF16 combine against one process that rounds the same way."""
+    from moelab import quant
+    from moelab.dispatch import assignments
+    from moelab.moe import MoE
+    from moelab.timeline import Timeline
+
+    torch.manual_seed(0)
+    cfg = layer_config(d_model=160, n_experts=4, top_k=2, d_expert=32)        # 160 = one full and one short tile
+    moe = MoE(cfg)
+    x_all = torch.randn(world_size * 10, 160) * torch.logspace(-2, 1, 160)
+    with torch.no_grad():
+        routing = moe.router(x_all)
+        token, expert, weight = assignments(routing)
+        rows = quant.dequantize(*quant.quantize(x_all[token], "fp8_e4m3", 128, pow2=True), 128)
+        outs = torch.stack([moe.experts.expert(int(e), r[None])[0] for r, e in zip(rows, expert)])
+        ref = torch.zeros_like(x_all).index_add_(0, token, outs.bfloat16().float() * weight[:, None])
+    sharded = copy.deepcopy(moe)
+    sharded.shard_experts(wire="fp8")
+    sharded.timeline = Timeline()
+    x = x_all[rank * 10:(rank + 1) * 10].clone().requires_grad_()
+    y = sharded(x)
+    y.sum().backward()                                       # the gradient travels back in bf16
+    events = {e.phase: e for e in sharded.timeline.events}
+    return y.detach(), ref[rank * 10:(rank + 1) * 10], events, x.grad
+
+
+def test_fp8_dispatch_and_bf16_combine_send_the_expected_bytes_and_round_as_one_process_would():
+    for y, ref, events, grad in launch(fp8_wire_rank, 2, backend="gloo", timeout=60):
+        torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)      # FP8 itself errs ~1e-2: this is tight
+        d, c = events["dispatch"], events["combine"]
+        assert d.sent + d.local == 10 * 2 * (160 + 4 * 2)           # FP8 values + two fp32 scales per row
+        assert c.sent + c.local == (d.received + d.local) // (160 + 8) * 160 * 2     # bf16 rows back
+        assert events["dispatch backward"].sent + events["dispatch backward"].local == 10 * 2 * 160 * 2
+        assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="wire = 'int4' is not allowed; allowed: fp32, fp8"):
+        from moelab.ep import expert_parallel
+        expert_parallel(torch.zeros(1, 4), None, None, 2, wire="int4")

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 import torch.distributed as dist
 
+from . import quant
 from .collectives import check_splits
 from .dispatch import assignments, combine, grouped_experts, permute
 from .ffn import Experts
@@ -66,6 +67,31 @@ class _AllToAll(torch.autograd.Function):
         return grad_x, None, None, None, None, None
 
 
+class _QuantizedDispatch(torch.autograd.Function):
+    """Rows sent as FP8 E4M3 with one power-of-two fp32 scale per 1×128 tile, packed into bytes (DeepSeek-V3
+    §3.3.3), received and dequantised to fp32. The gradient goes back in BF16."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, send_splits: list[int], recv_splits: list[int], group,
+                timeline: Timeline | None, event: Event) -> torch.Tensor:
+        ctx.send_splits, ctx.recv_splits, ctx.group, ctx.timeline = send_splits, recv_splits, group, timeline
+        packed = quant.pack(*quant.quantize(x.detach().float(), "fp8_e4m3", 128, pow2=True))
+        out = packed.new_empty((sum(recv_splits), packed.shape[1]))
+        dist.all_to_all_single(out, packed, recv_splits, send_splits, group=group)
+        count_bytes(event, packed, send_splits, recv_splits, group)
+        q, scales = quant.unpack(out, x.shape[1], "fp8_e4m3")
+        return quant.dequantize(q, scales, 128).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        with phase(ctx.timeline, "dispatch backward") as event, collective(ctx.timeline, event):
+            sent = grad.to(torch.bfloat16).contiguous()
+            grad_x = sent.new_empty((sum(ctx.send_splits), *grad.shape[1:]))
+            dist.all_to_all_single(grad_x, sent, ctx.send_splits, ctx.recv_splits, group=ctx.group)
+            count_bytes(event, sent, ctx.recv_splits, ctx.send_splits, ctx.group)
+        return grad_x.to(grad.dtype), None, None, None, None, None
+
+
 def all_to_all(x: torch.Tensor, send_splits: Sequence[int], recv_splits: Sequence[int],
                group: dist.ProcessGroup | None = None, timeline: Timeline | None = None,
                name: str = "all-to-all") -> torch.Tensor:
@@ -76,8 +102,12 @@ def all_to_all(x: torch.Tensor, send_splits: Sequence[int], recv_splits: Sequenc
     return _AllToAll.apply(x, send_splits, recv_splits, group, timeline, name)
 
 
+WIRES = ("fp32", "fp8")      # what the exchanges send: fp32 rows, or FP8 dispatch (1×128 scales) + BF16 combine
+
+
 def expert_parallel(x: torch.Tensor, routing: Routing, local_experts: Experts, n_experts: int,
-                    group: dist.ProcessGroup | None = None, timeline: Timeline | None = None) -> torch.Tensor:
+                    group: dist.ProcessGroup | None = None, timeline: Timeline | None = None,
+                    wire: str = "fp32") -> torch.Tensor:
     """The routed experts' output for this rank's rows ``x`` ``(N, d_model)``, when the ``n_experts`` experts are
     sharded over the ranks in order: rank ``r`` holds experts ``r·E_local … (r+1)·E_local − 1`` as
     ``local_experts``. Equal to the single-process grouped dispatch with all experts (GShard's dispatch/combine).
@@ -93,7 +123,13 @@ def expert_parallel(x: torch.Tensor, routing: Routing, local_experts: Experts, n
     With a ``timeline``, the three phases are recorded with their bytes (``N·k`` rows of ``d_model`` values
     leave in dispatch and come back in combine, the same again for the gradients in backward) and the rows each
     rank's experts processed.
+
+    ``wire = "fp8"`` sends as DeepSeek-V3 does (§3.3.3): dispatch rows in FP8 E4M3 with a power-of-two scale per
+    1×128 tile (``d_model + 4·⌈d_model/128⌉`` bytes a row instead of ``4·d_model``), combine rows in BF16; the
+    gradients travel in BF16. The experts compute on the dequantised rows.
     """
+    if wire not in WIRES:
+        raise ValueError(f"wire = {wire!r} is not allowed; allowed: {', '.join(WIRES)}")
     world, E_local = dist.get_world_size(group), local_experts.n_experts
     if E_local * world != n_experts:
         raise ValueError(f"local_experts holds {E_local} experts on each of {world} ranks, not n_experts = "
@@ -107,8 +143,11 @@ def expert_parallel(x: torch.Tensor, routing: Routing, local_experts: Experts, n
         with collective(timeline, event):
             recv = exchange_counts(send, group)                                    # rows from (rank, local expert)
             send_splits, recv_splits = send.sum(1).tolist(), recv.sum(1).tolist()
-            rows = all_to_all(sent, send_splits, recv_splits, group, timeline, "dispatch")
-        count_bytes(event, sent, send_splits, recv_splits, group)
+            if wire == "fp8":
+                rows = _QuantizedDispatch.apply(sent, send_splits, recv_splits, group, timeline, event)
+            else:
+                rows = all_to_all(sent, send_splits, recv_splits, group, timeline, "dispatch")
+                count_bytes(event, sent, send_splits, recv_splits, group)
     local_expert = torch.arange(E_local, device=x.device).repeat(world).repeat_interleave(recv.flatten())
     positions = torch.arange(rows.shape[0], device=x.device)
 
@@ -121,10 +160,11 @@ def expert_parallel(x: torch.Tensor, routing: Routing, local_experts: Experts, n
         event.rows = rows.shape[0]
         out = backward_phase(timeline, Event("expert backward", rows=rows.shape[0]), rows, run_experts)
     with phase(timeline, "combine") as event:
+        out = out.to(torch.bfloat16) if wire == "fp8" else out
         with collective(timeline, event):
             back = all_to_all(out, recv_splits, send_splits, group, timeline, "combine")
         count_bytes(event, out, recv_splits, send_splits, group)
-        y = combine(x, token, back * weight[:, None])
+        y = combine(x, token, back.to(x.dtype) * weight[:, None])
     return y
 
 

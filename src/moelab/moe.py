@@ -14,7 +14,7 @@ import torch.nn as nn
 from .balance import router_z_loss, sequence_aux_loss, switch_aux_loss, tokens_per_expert, update_bias
 from .config import ModelConfig
 from .dispatch import DROPLESS, capacity_dispatch
-from .ep import expert_parallel
+from .ep import WIRES, expert_parallel
 from .ffn import Experts, SwiGLU
 from .router import SigmoidRouter, SoftmaxRouter
 from .timeline import Timeline, phase
@@ -52,14 +52,18 @@ class MoE(nn.Module):
         self.counts = torch.zeros(c.n_routed_experts, dtype=torch.long)
         self.kept = torch.ones(0, c.top_k, dtype=torch.bool)
         self.indices = torch.zeros(0, c.top_k, dtype=torch.long)
-        self.expert_parallel, self.ep_group = False, None
+        self.expert_parallel, self.ep_group, self.wire = False, None, "fp32"
         self.timeline: Timeline | None = None
 
     @torch.no_grad()
-    def shard_experts(self, group: dist.ProcessGroup | None = None) -> None:
+    def shard_experts(self, group: dist.ProcessGroup | None = None, wire: str = "fp32") -> None:
         """Expert parallelism, in place: keep only this rank's ``n_routed_experts / world_size`` experts (rank ``r``
         holds experts ``r·E_local … (r+1)·E_local − 1``) and exchange tokens with the other ranks in forward
-        (:func:`moelab.ep.expert_parallel`). The router and shared experts stay whole on every rank."""
+        (:func:`moelab.ep.expert_parallel`). The router and shared experts stay whole on every rank. ``wire``
+        is what the exchanges send (:data:`moelab.ep.WIRES`): fp32 rows, or DeepSeek-V3's FP8 dispatch and BF16
+        combine."""
+        if wire not in WIRES:
+            raise ValueError(f"wire = {wire!r} is not allowed; allowed: {', '.join(WIRES)}")
         c, world, rank = self.config, dist.get_world_size(group), dist.get_rank(group)
         if c.n_routed_experts % world:
             raise ValueError(f"n_routed_experts = {c.n_routed_experts} cannot be split over {world} ranks; allowed: "
@@ -71,7 +75,7 @@ class MoE(nn.Module):
         local = Experts(E_local, c.d_model, c.d_expert).to(self.experts.w_gate)
         for name, p in local.named_parameters():
             p.copy_(getattr(self.experts, name)[rank * E_local:(rank + 1) * E_local])
-        self.experts, self.expert_parallel, self.ep_group = local, True, group
+        self.experts, self.expert_parallel, self.ep_group, self.wire = local, True, group, wire
 
     @property
     def dropped(self) -> float:
@@ -87,7 +91,8 @@ class MoE(nn.Module):
         with phase(self.timeline, "route"):
             routing = self.router(rows)
         if self.expert_parallel:
-            y = expert_parallel(rows, routing, self.experts, c.n_routed_experts, self.ep_group, self.timeline)
+            y = expert_parallel(rows, routing, self.experts, c.n_routed_experts, self.ep_group, self.timeline,
+                                self.wire)
             self.kept = torch.ones_like(routing.indices, dtype=torch.bool)
         elif c.dispatch == "capacity" and self.training:
             y, self.kept = capacity_dispatch(rows, routing, self.experts, c.capacity_factor)
