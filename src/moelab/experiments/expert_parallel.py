@@ -93,16 +93,17 @@ def equivalence_rank(rank: int, world_size: int, config: ModelConfig, tokens: in
 
 
 def layer_rank(rank: int, world_size: int, config: ModelConfig, tokens: int, steps: int, warmup: int = 2,
-               skew: float = 0.0, seed: int = 0) -> dict:
+               skew: float = 0.0, seed: int = 0, wire: str = "fp32") -> dict:
     """``warmup + steps`` forward and backward passes of an expert-parallel MoE layer on ``tokens`` rows per rank.
     Every step starts on a fresh timeline with the same time zero on all ranks (:func:`start_together`). Returns,
-    for the last ``steps`` steps, this rank's ``events`` (a list per step) and ``seconds`` (from time zero to the
-    end of this rank's backward)."""
+    for the last ``steps`` steps, this rank's ``events`` (a list per step), ``seconds`` (from time zero to the
+    end of this rank's backward) and the last step's ``output``. ``wire`` is what the exchanges send
+    (:data:`moelab.ep.WIRES`)."""
     torch.manual_seed(seed)
     device = rank_device()
     moe = MoE(config)
     skew_towards_rank0(moe, skew, world_size)
-    moe.to(device).shard_experts()
+    moe.to(device).shard_experts(wire=wire)
     g = torch.Generator().manual_seed(seed * 1000 + rank)
     x = torch.randn(tokens, config.d_model, generator=g).to(device).requires_grad_()
     grad = torch.randn(tokens, config.d_model, generator=g).to(device)
@@ -110,11 +111,12 @@ def layer_rank(rank: int, world_size: int, config: ModelConfig, tokens: int, ste
     events, seconds = [], []
     for step in range(warmup + steps):
         start_together(timeline)
-        (moe(x) * grad).sum().backward()
+        y = moe(x)
+        (y * grad).sum().backward()
         if step >= warmup:
             seconds.append(timeline.now())
             events.append(timeline.to_list())
-    return {"tokens": tokens, "events": events, "seconds": seconds}
+    return {"tokens": tokens, "events": events, "seconds": seconds, "output": y.detach()}
 
 
 def lm_config(vocab_size: int, n_experts: int = 8) -> ModelConfig:
