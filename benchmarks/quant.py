@@ -4,6 +4,8 @@
 
 1. Square GEMMs (M = N = K from 256 to 2048): fp32 and bf16 ``torch.matmul`` against the INT8 product of
    moelab.quant.int8_mm (``torch._int_mm``, int8 × int8 → int32), interleaved round by round, medians, 2 threads.
+   The raw products: quantising the operands is not timed (weights are quantised once; W8A8 pays for its
+   activations on every call). The JSON records torch's CPU capability (the vector instructions it uses).
    Target (issue #7): INT8 at least 1.8× the fp32 matmul's speed at 1024×1024×1024.
 2. The bytes of a dispatch payload per token row (DeepSeek-V3's hidden size 7168 and our layer's 256) in FP8 with
    one fp32 scale per 128 values, packed as moelab.collectives sends it (moelab.quant.pack), against fp32 and bf16.
@@ -67,7 +69,8 @@ def main() -> None:
                target("FP8 dispatch bytes with scales / bf16", payload["vs_bf16"], "<=", 0.53),
                target("FP8 fine-grained val loss / fp32 val loss - 1 (course model)",
                       losses["fp8_fine"] / losses["fp32"] - 1, "<", 0.01)]
-    write_result("quant", rows, targets, int_mm=int8_mm_available(), steady_allocator=allocator)
+    write_result("quant", rows, targets, int_mm=int8_mm_available(), steady_allocator=allocator,
+                 cpu_capability=torch.backends.cpu.get_cpu_capability())
 
 
 if __name__ == "__main__":

@@ -115,7 +115,8 @@ def _size(nbytes: int) -> str:
 
 def quant_block(r: dict) -> str:
     gemm = [row for row in r["rows"] if row["kind"] == "gemm"]
-    lines = ["| M = N = K | fp32 | bf16 | int8 (`torch._int_mm`) | int8 speed vs fp32 |", "|---|---|---|---|---|"]
+    lines = [f"Raw products (operands already quantised), CPU capability `{r['cpu_capability']}`:", "",
+             "| M = N = K | fp32 | bf16 | int8 (`torch._int_mm`) | int8 speed vs fp32 |", "|---|---|---|---|---|"]
     for n in dict.fromkeys(row["size"] for row in gemm):
         by = {row["dtype"]: row for row in gemm if row["size"] == n}
         lines.append(f"| {n} | {by['fp32']['ms']:.2f} ms | {by['bf16']['ms']:.2f} ms | {by['int8']['ms']:.2f} ms | "

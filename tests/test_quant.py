@@ -96,9 +96,9 @@ def test_values_beyond_the_format_and_subnormal_inputs_are_scaled_not_lost():
     big = torch.tensor([[1e6, -3e6, 5.0]])
     back = dequantize_blocks(*quantize_blocks(big, "fp8_e5m2", (1, 3)), (1, 3))
     assert torch.isfinite(back).all() and (back - big).abs().max() <= 3e6 * 2 ** -3
-    tiny = torch.tensor([[1e-42, -3e-42, 2e-43]])                          # fp32 subnormals
-    back = dequantize_blocks(*quantize_blocks(tiny, "int8", (1, 3)), (1, 3))
-    assert (back - tiny).abs().max() <= 3e-42 / 127 / 2 * 1.01 and back[0, 1] < 0
+    small = torch.tensor([[1e-30, -3e-30, 2e-31]])                         # far below 1, above fp32's tiny·127
+    back = dequantize_blocks(*quantize_blocks(small, "int8", (1, 3)), (1, 3))
+    assert (back - small).abs().max() <= 3e-30 / 127 / 2 * 1.01 and back[0, 1] < 0
 
 
 def test_int8_mm_equals_an_exact_integer_product():
@@ -144,3 +144,23 @@ def test_w8a8_linear_is_close_to_the_fp32_product():
     got, exact = w8a8_linear(x, w_q, w_s), x @ w.t()
     assert ((got - exact).abs() / (x.abs() @ w.abs().t())).max() < 0.01
     assert block_scales(w, "int8", (1, 256)).shape == (128, 1)
+
+
+def test_tiny_inputs_get_a_normal_scale_and_never_nan():
+    from moelab.quant import round_trip_error, wire_ratio
+
+    tiny = torch.tensor([[1e-44, 0.0, -5e-45]])                            # fp32 subnormals
+    q, scales = quantize_blocks(tiny, "fp8_e4m3", (1, 3))
+    assert torch.isfinite(q.float()).all() and scales.item() == torch.finfo(torch.float32).tiny
+    back = dequantize_blocks(q, scales, (1, 3))                            # rounded towards zero, never NaN
+    assert torch.isfinite(back).all() and (back - tiny).abs().max() <= torch.finfo(torch.float32).tiny
+    x = torch.randn(8, 256, generator=torch.Generator().manual_seed(0))
+    assert round_trip_error(x, "int8", (1, 128)) < 0.01 < round_trip_error(x, "fp8_e5m2", (1, 128)) < 0.1
+    assert wire_ratio(256, 128) == (256 + 8) / 1024 and wire_ratio(7168, 128) == pytest.approx(0.2578, abs=1e-4)
+
+
+def test_fp8_block_gemm_refuses_scales_of_another_block_size():
+    a_q, a_s = quantize_blocks(torch.randn(4, 256), "fp8_e4m3", (1, 64))
+    w_q, w_s = quantize_blocks(torch.randn(8, 256), "fp8_e4m3", (128, 128))
+    with pytest.raises(ValueError, match=r"do not fit 1×128 tiles .* allowed: \(4, 2\) and \(1, 2\)"):
+        fp8_block_gemm(a_q, a_s, w_q, w_s)

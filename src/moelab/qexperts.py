@@ -4,6 +4,8 @@ A scheme says how both operands of every expert matmul ``x @ W`` are stored (:mo
 
 - ``"fp32"``: as trained (the reference);
 - ``"bf16"``: both rounded to bfloat16, products summed in fp32;
+- ``"int8_weight_only"``: weights INT8 with one scale per output channel, dequantised on the fly; activations and
+  products stay fp32 (the memory saving without the arithmetic one);
 - ``"int8_channel"``: W8A8 — weights INT8 with one scale per output channel, activations INT8 with one scale per
   token (dynamic), products summed exactly in int32 (:func:`moelab.quant.w8a8_linear`; SmoothQuant's setting
   without its smoothing);
@@ -27,7 +29,7 @@ import torch.nn.functional as F
 from .ffn import Experts
 from .quant import dequantize_blocks, fp8_block_gemm, quantize_blocks, scaled_mm, w8a8_linear
 
-SCHEMES = ("fp32", "bf16", "int8_channel", "fp8_tensor", "fp8_fine")
+SCHEMES = ("fp32", "bf16", "int8_weight_only", "int8_channel", "fp8_tensor", "fp8_fine")
 
 
 class QuantizedLinear:
@@ -43,9 +45,9 @@ class QuantizedLinear:
         elif scheme == "bf16":
             self.w, self.stored_bytes = wt.bfloat16(), wt.numel() * 2
         else:
-            fmt = "int8" if scheme == "int8_channel" else "fp8_e4m3"
-            self.block = {"int8_channel": (1, wt.shape[1]), "fp8_tensor": tuple(wt.shape),
-                          "fp8_fine": (128, 128)}[scheme]
+            fmt = "int8" if scheme.startswith("int8") else "fp8_e4m3"
+            self.block = {"int8_weight_only": (1, wt.shape[1]), "int8_channel": (1, wt.shape[1]),
+                          "fp8_tensor": tuple(wt.shape), "fp8_fine": (128, 128)}[scheme]
             self.q, self.scales = quantize_blocks(wt, fmt, self.block)
             self.stored_bytes = wt.numel() + self.scales.numel() * 4
 
@@ -55,6 +57,8 @@ class QuantizedLinear:
             return x @ self.w.t()
         if s == "bf16":
             return (x.bfloat16() @ self.w.t()).float()
+        if s == "int8_weight_only":
+            return x @ dequantize_blocks(self.q, self.scales, self.block).t()
         if x.shape[0] == 0:
             return x.new_zeros(0, self.shape[0])
         if s == "int8_channel":

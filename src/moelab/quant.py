@@ -11,7 +11,8 @@ last dimension of any tensor (what the compressed all-to-all sends).
 because torch's CPU cast saturates E4M3 silently (even inf → 448) and overflows E5M2 to inf; with the block's own
 amax it only ever trims rounding. An all-zero block gets scale 1 (no 0/0). Inputs holding inf or NaN are refused
 (a scale cannot represent them). Scales and the division are computed in float64, so fp32 subnormal inputs are
-scaled up exactly instead of being flushed. ``pow2=True`` rounds each scale up to a power of two (DeepSeek-V3 uses
+scaled up instead of being flushed. A scale never goes below fp32's smallest normal number (~1.2e-38): a block
+whose amax is under ``format_max`` times that rounds towards zero, never to NaN. ``pow2=True`` rounds each scale up to a power of two (DeepSeek-V3 uses
 them for its dispatch activations): dequantising then only changes exponents. INT8 is symmetric:
 ``round(x / scale)`` in ``[−127, 127]``.
 
@@ -57,6 +58,7 @@ def block_scales(x: torch.Tensor, fmt: str, block, pow2: bool = False) -> torch.
         raise ValueError("x holds inf or NaN; allowed: finite values (a scale cannot represent them)")
     amax = _pad_to_blocks(x.double(), block).abs().amax(dim=(1, 3))
     scales = torch.where(amax > 0, amax / FORMAT_MAX[fmt], torch.ones_like(amax))
+    scales = scales.clamp(min=torch.finfo(torch.float32).tiny)            # stays a normal fp32 number
     if pow2:
         scales = torch.exp2(torch.ceil(torch.log2(scales)))
     return scales.float()
@@ -144,14 +146,33 @@ def w8a8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scales: torch.Tensor) -> t
     return int8_mm(x_q, w_q).float() * x_scales * w_scales.view(1, -1)
 
 
+def round_trip_error(x: torch.Tensor, fmt: str, block, keep: torch.Tensor | None = None) -> float:
+    """Relative RMS error ``‖dequantize(quantize(x)) − x‖ / ‖x‖`` of ``x`` ``(R, C)`` with scales per ``block``,
+    over the columns where ``keep`` is true (all by default: e.g. leave out outlier channels)."""
+    block = _check(fmt, block)
+    diff = dequantize_blocks(*quantize_blocks(x, fmt, block), block) - x
+    keep = torch.ones(x.shape[1], dtype=torch.bool) if keep is None else keep
+    return float((diff[:, keep].pow(2).mean() / x[:, keep].pow(2).mean()).sqrt())
+
+
+def wire_ratio(d: int, block: int, fmt: str = "fp8_e4m3") -> float:
+    """Bytes of a row of ``d`` values in ``fmt`` with a fp32 scale per 1×``block`` tile, over its fp32 bytes."""
+    _check(fmt, block)
+    return (d + 4 * math.ceil(d / block)) / (4 * d)
+
+
 def fp8_block_gemm(a_q: torch.Tensor, a_scales: torch.Tensor, b_q: torch.Tensor, b_scales: torch.Tensor,
                    block: int = 128) -> torch.Tensor:
     """DeepSeek-V3's block-scaled FP8 GEMM, ``a @ b.T`` in fp32: ``a_q`` ``(M, K)`` FP8 with 1×``block`` tile scales
     ``(M, K/block)``, ``b_q`` ``(N, K)`` FP8 with ``block``×``block`` scales ``(N/block, K/block)``. Each K block's
     products are summed in fp32 and multiplied by the activation tile's and the weight block's scales, then the
     K blocks are added (the reference kernel's semantics)."""
-    M, K = a_q.shape
-    out = torch.zeros(M, b_q.shape[0])
+    (M, K), N, kb_count = a_q.shape, b_q.shape[0], math.ceil(a_q.shape[1] / block)
+    if tuple(a_scales.shape) != (M, kb_count) or tuple(b_scales.shape) != (math.ceil(N / block), kb_count):
+        raise ValueError(f"a_scales {tuple(a_scales.shape)} and b_scales {tuple(b_scales.shape)} do not fit 1×{block} "
+                         f"tiles of a {tuple(a_q.shape)} and {block}×{block} blocks of b {tuple(b_q.shape)}; allowed: "
+                         f"({M}, {kb_count}) and ({math.ceil(N / block)}, {kb_count})")
+    out = torch.zeros(M, N, device=a_q.device)
     w_scale_rows = b_scales.repeat_interleave(block, 0)[: b_q.shape[0]]              # (N, K/block)
     for kb in range(math.ceil(K / block)):
         cols = slice(kb * block, min(K, (kb + 1) * block))
@@ -163,9 +184,24 @@ def fp8_block_gemm(a_q: torch.Tensor, a_scales: torch.Tensor, b_q: torch.Tensor,
 def scaled_mm(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor) -> torch.Tensor:
     """``a @ b.T`` in fp32 for FP8 ``a_q`` ``(M, K)``, ``b_q`` ``(N, K)`` with per-tensor scales (0-d) or per-row ones
     (``(M, 1)`` and ``(N, 1)``): ``torch._scaled_mm`` where it runs, else products in fp32 times the scales."""
-    try:
-        return torch._scaled_mm(a_q, b_q.t(), scale_a=a_scale.float(), scale_b=b_scale.float().view(1, -1)
-                                if b_scale.dim() else b_scale.float(), out_dtype=torch.float32)
-    except (AttributeError, RuntimeError, NotImplementedError):
-        return (a_q.float() @ b_q.float().t()) * a_scale.float() * (b_scale.float().view(1, -1)
-                                                                     if b_scale.dim() else b_scale.float())
+    b_scale = b_scale.float().view(1, -1) if b_scale.dim() else b_scale.float()
+    if scaled_mm_available():
+        return torch._scaled_mm(a_q, b_q.t(), scale_a=a_scale.float(), scale_b=b_scale, out_dtype=torch.float32)
+    return (a_q.float() @ b_q.float().t()) * a_scale.float() * b_scale
+
+
+def scaled_mm_available() -> bool:
+    """Whether ``torch._scaled_mm`` multiplies FP8 on this device (feature-detected once on a tiny product)."""
+    global _SCALED_MM
+    if _SCALED_MM is None:
+        try:
+            one = torch.ones(16, 16).to(torch.float8_e4m3fn)
+            out = torch._scaled_mm(one, one.t(), scale_a=torch.tensor(1.0), scale_b=torch.tensor(1.0),
+                                   out_dtype=torch.float32)
+            _SCALED_MM = bool(torch.equal(out, torch.full((16, 16), 16.0)))
+        except (AttributeError, RuntimeError, NotImplementedError):
+            _SCALED_MM = False
+    return _SCALED_MM
+
+
+_SCALED_MM: bool | None = None
