@@ -164,3 +164,12 @@ def test_fp8_block_gemm_refuses_scales_of_another_block_size():
     w_q, w_s = quantize_blocks(torch.randn(8, 256), "fp8_e4m3", (128, 128))
     with pytest.raises(ValueError, match=r"do not fit 1×128 tiles .* allowed: \(4, 2\) and \(1, 2\)"):
         fp8_block_gemm(a_q, a_s, w_q, w_s)
+
+
+def test_zero_rows_quantise_pack_and_come_back_empty():
+    q, scales = quantize(torch.zeros(0, 200), "fp8_e4m3")
+    assert q.shape == (0, 200) and scales.shape == (0, 2)
+    q2, s2 = unpack(pack(q, scales), 200, "fp8_e4m3")
+    assert q2.shape == (0, 200) and s2.shape == (0, 2) and dequantize(q2, s2).shape == (0, 200)
+    q3, s3 = unpack(pack(*quantize(torch.randn(3, 200), "int8"))[1:2], 200, "int8")   # one row: offset and strides
+    assert q3.shape == (1, 200) and s3.shape == (1, 2)

@@ -73,7 +73,7 @@ def quantize_blocks(x: torch.Tensor, fmt: str = "fp8_e4m3", block=(1, 128),
     tiles = tiles.clamp(-FORMAT_MAX[fmt], FORMAT_MAX[fmt])
     if fmt == "int8":
         tiles = tiles.round()
-    q = tiles.reshape(tiles.shape[0] * block[0], -1)[: x.shape[0], : x.shape[1]]
+    q = tiles.reshape(tiles.shape[0] * block[0], tiles.shape[2] * block[1])[: x.shape[0], : x.shape[1]]
     return q.to(FORMATS[fmt]), scales
 
 
@@ -92,7 +92,7 @@ def quantize(x: torch.Tensor, fmt: str = "fp8_e4m3", block: int = 128,
     _check(fmt, block)
     flat = x.reshape(-1, x.shape[-1]) if x.dim() else x.reshape(1, 1)
     q, scales = quantize_blocks(flat, fmt, (1, block), pow2)
-    return q.view(x.shape), scales.view(*x.shape[:-1], -1)
+    return q.view(x.shape), scales.view(*x.shape[:-1], scales.shape[-1])
 
 
 def dequantize(q: torch.Tensor, scales: torch.Tensor, block: int = 128, dtype: torch.dtype = torch.float32):
@@ -111,7 +111,8 @@ def unpack(packed: torch.Tensor, d: int, fmt: str) -> tuple[torch.Tensor, torch.
     """The inverse of :func:`pack` for rows of ``d`` values in ``fmt``: the same bytes, the dtypes restored."""
     _check(fmt, 1)
     q = packed[:, :d].contiguous().view(FORMATS[fmt])
-    return q, packed[:, d:].contiguous().view(torch.float32)
+    scales = packed[:, d:].flatten().clone()                  # fresh storage: offset and strides fit fp32
+    return q, scales.view(torch.float32).view(packed.shape[0], (packed.shape[1] - d) // 4)
 
 
 def int8_mm_available() -> bool:
