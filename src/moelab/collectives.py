@@ -25,7 +25,7 @@ notebooks/06_collectives.ipynb; tests/test_collectives.py checks each against to
 from __future__ import annotations
 
 import time
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 import torch.distributed as dist
@@ -90,24 +90,43 @@ def chunk_sizes(n: int, p: int) -> list[int]:
     return [n // p + (1 if i < n % p else 0) for i in range(p)]
 
 
-def _ring_reduce_scatter(flat: torch.Tensor, ranks: list[int], net, timeline, prefix: str = "") -> list[torch.Tensor]:
+class Codec(NamedTuple):
+    """How a lossy ring carries a chunk: ``encode(chunk) -> message``, ``decode(message, n) -> n fp32 values``, and
+    ``empty(n)``, a buffer to receive the message for ``n`` values into."""
+
+    encode: Callable[[torch.Tensor], torch.Tensor]
+    decode: Callable[[torch.Tensor, int], torch.Tensor]
+    empty: Callable[[int], torch.Tensor]
+
+
+def ring_reduce_scatter_in_place(flat: torch.Tensor, ranks: list[int], net, timeline, prefix: str = "",
+                         codec: Codec | None = None) -> list[torch.Tensor]:
     """Ring reduce-scatter of ``flat`` (a private copy, summed in place) among ``ranks`` in ring order; returns its
-    chunks, of which the one at this rank's position in ``ranks`` holds the sum over the ranks."""
+    chunks, of which the one at this rank's position in ``ranks`` holds the sum over the ranks. With a ``codec``,
+    every message is the encoded partial sum, decoded and added on arrival (e.g. INT8,
+    :func:`moelab.slowlink.int8_all_reduce`)."""
     p, i = len(ranks), ranks.index(dist.get_rank())
-    chunks = list(flat.split(chunk_sizes(flat.numel(), p)))
+    sizes = chunk_sizes(flat.numel(), p)
+    chunks = list(flat.split(sizes))
     right, left = ranks[(i + 1) % p], ranks[(i - 1) % p]
     buffer = torch.empty_like(chunks[0])                          # the largest chunk; reused every round
     for s in range(p - 1):
         send, recv = (i - s - 1) % p, (i - s - 2) % p
+        label = f"{prefix}reduce-scatter {s + 1}"
+        if codec is not None:
+            incoming = codec.empty(sizes[recv])
+            exchange([(right, codec.encode(chunks[send]))], [(left, incoming)], net, timeline, label)
+            chunks[recv] += codec.decode(incoming, sizes[recv])
+            continue
         # each chunk in SEGMENTS pieces: adding one piece overlaps the transfer of the next (as NCCL's slices)
         mine, incoming = chunks[recv].tensor_split(SEGMENTS), buffer[:chunks[recv].numel()].tensor_split(SEGMENTS)
         exchange([(right, piece) for piece in chunks[send].tensor_split(SEGMENTS)],
-                 [(left, piece) for piece in incoming], net, timeline, f"{prefix}reduce-scatter {s + 1}",
+                 [(left, piece) for piece in incoming], net, timeline, label,
                  arrived=lambda j: mine[j].add_(incoming[j]))
     return chunks
 
 
-def _ring_all_gather(chunks: list[torch.Tensor], ranks: list[int], net, timeline, prefix: str = "") -> None:
+def ring_all_gather_in_place(chunks: list[torch.Tensor], ranks: list[int], net, timeline, prefix: str = "") -> None:
     """Ring all-gather in place: the chunk at this rank's position in ``ranks`` is filled; after ``p−1`` rounds all
     are (each round passes on the chunk received in the round before)."""
     p, i = len(ranks), ranks.index(dist.get_rank())
@@ -121,7 +140,7 @@ def ring_reduce_scatter(x: torch.Tensor, net: Network | None = None, timeline: T
     """Sum ``x`` over the ranks and return this rank's chunk of the flattened sum (chunks as
     :func:`chunk_sizes`): rank ``r`` gets chunk ``r``, like ``dist.reduce_scatter_tensor`` when it divides."""
     ranks = list(range(dist.get_world_size()))
-    return _ring_reduce_scatter(x.detach().flatten().clone(), ranks, net, timeline)[dist.get_rank()]
+    return ring_reduce_scatter_in_place(x.detach().flatten().clone(), ranks, net, timeline)[dist.get_rank()]
 
 
 def ring_all_gather(x: torch.Tensor, net: Network | None = None, timeline: Timeline | None = None) -> torch.Tensor:
@@ -129,7 +148,7 @@ def ring_all_gather(x: torch.Tensor, net: Network | None = None, timeline: Timel
     world, rank = dist.get_world_size(), dist.get_rank()
     out = x.new_empty((world, *x.shape))
     out[rank] = x
-    _ring_all_gather(list(out.view(world, -1)), list(range(world)), net, timeline)
+    ring_all_gather_in_place(list(out.view(world, -1)), list(range(world)), net, timeline)
     return out
 
 
@@ -137,7 +156,7 @@ def ring_all_reduce(x: torch.Tensor, net: Network | None = None, timeline: Timel
     """Sum of ``x`` over the ranks: ring reduce-scatter, then ring all-gather of the summed chunks."""
     ranks = list(range(dist.get_world_size()))
     flat = x.detach().flatten().clone()
-    _ring_all_gather(_ring_reduce_scatter(flat, ranks, net, timeline), ranks, net, timeline)
+    ring_all_gather_in_place(ring_reduce_scatter_in_place(flat, ranks, net, timeline), ranks, net, timeline)
     return flat.view_as(x)
 
 
@@ -287,13 +306,13 @@ def hierarchical_all_reduce(x: torch.Tensor, topology: Topology, net: Network | 
     node, local = topology.node(r), topology.local(r)
     flat = x.detach().flatten().clone()
     inside = topology.node_ranks(node)
-    chunks = _ring_reduce_scatter(flat, inside, net, timeline, "inside ")
+    chunks = ring_reduce_scatter_in_place(flat, inside, net, timeline, "inside ")
     across = topology.peers(local)
     if len(across) > 1:
         mine = chunks[local]
-        _ring_all_gather(_ring_reduce_scatter(mine, across, net, timeline, "across "), across, net, timeline,
-                         "across ")
-    _ring_all_gather(chunks, inside, net, timeline, "inside ")
+        summed = ring_reduce_scatter_in_place(mine, across, net, timeline, "across ")
+        ring_all_gather_in_place(summed, across, net, timeline, "across ")
+    ring_all_gather_in_place(chunks, inside, net, timeline, "inside ")
     return flat.view_as(x)
 
 

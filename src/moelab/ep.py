@@ -60,11 +60,18 @@ class _AllToAll(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        with phase(ctx.timeline, f"{ctx.name} backward") as event, collective(ctx.timeline, event):
-            grad_x = grad.new_empty((sum(ctx.send_splits), *grad.shape[1:]))
-            dist.all_to_all_single(grad_x, grad.contiguous(), ctx.send_splits, ctx.recv_splits, group=ctx.group)
-            count_bytes(event, grad, ctx.recv_splits, ctx.send_splits, ctx.group)
-        return grad_x, None, None, None, None, None
+        return _gradients_back(ctx, grad, f"{ctx.name} backward", grad.dtype), None, None, None, None, None
+
+
+def _gradients_back(ctx, grad: torch.Tensor, name: str, wire_dtype: torch.dtype) -> torch.Tensor:
+    """The backward of an all-to-all: the gradients of the received rows go back to their senders (the splits
+    swapped), in ``wire_dtype`` on the wire, recorded on the timeline as phase ``name``."""
+    with phase(ctx.timeline, name) as event, collective(ctx.timeline, event):
+        sent = grad.to(wire_dtype).contiguous()
+        grad_x = sent.new_empty((sum(ctx.send_splits), *grad.shape[1:]))
+        dist.all_to_all_single(grad_x, sent, ctx.send_splits, ctx.recv_splits, group=ctx.group)
+        count_bytes(event, sent, ctx.recv_splits, ctx.send_splits, ctx.group)
+    return grad_x.to(grad.dtype)
 
 
 class _QuantizedDispatch(torch.autograd.Function):
@@ -84,12 +91,7 @@ class _QuantizedDispatch(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        with phase(ctx.timeline, "dispatch backward") as event, collective(ctx.timeline, event):
-            sent = grad.to(torch.bfloat16).contiguous()
-            grad_x = sent.new_empty((sum(ctx.send_splits), *grad.shape[1:]))
-            dist.all_to_all_single(grad_x, sent, ctx.send_splits, ctx.recv_splits, group=ctx.group)
-            count_bytes(event, sent, ctx.recv_splits, ctx.send_splits, ctx.group)
-        return grad_x.to(grad.dtype), None, None, None, None, None
+        return _gradients_back(ctx, grad, "dispatch backward", torch.bfloat16), None, None, None, None, None
 
 
 def all_to_all(x: torch.Tensor, send_splits: Sequence[int], recv_splits: Sequence[int],

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from . import quant
-from .collectives import chunk_sizes, exchange
+from .collectives import Codec, chunk_sizes, ring_all_gather_in_place, ring_reduce_scatter_in_place
 from .network import Network
 from .timeline import Timeline
 
@@ -42,25 +42,20 @@ def _packed_size(n: int) -> int:
     return n + 4 * -(-n // BLOCK)
 
 
+INT8 = Codec(encode=_int8, decode=_fp32, empty=lambda n: torch.empty(1, _packed_size(n), dtype=torch.uint8))
+
+
 def int8_all_reduce(x: torch.Tensor, net: Network | None = None, timeline: Timeline | None = None) -> torch.Tensor:
     """The sum of ``x`` over the ranks, every message in INT8 with 1×128 scales (see the module docstring). The
     result is the same on every rank; its error is a few quantisation steps of the partial sums."""
     p, r = dist.get_world_size(), dist.get_rank()
-    flat = x.detach().float().flatten().clone()
-    sizes = chunk_sizes(flat.numel(), p)
-    chunks = list(flat.split(sizes))
-    right, left = (r + 1) % p, (r - 1) % p
-    for s in range(p - 1):                                    # reduce-scatter, requantising every hop
-        send, recv = (r - s - 1) % p, (r - s - 2) % p
-        incoming = torch.empty(1, _packed_size(sizes[recv]), dtype=torch.uint8)
-        exchange([(right, _int8(chunks[send]))], [(left, incoming)], net, timeline, f"reduce-scatter {s + 1}")
-        chunks[recv] += _fp32(incoming, sizes[recv])
-    packed = [torch.empty(1, _packed_size(n), dtype=torch.uint8) for n in sizes]
-    packed[r] = _int8(chunks[r])
-    for s in range(p - 1):                                    # all-gather of the quantised sums
-        send, recv = (r - s) % p, (r - s - 1) % p
-        exchange([(right, packed[send])], [(left, packed[recv])], net, timeline, f"all-gather {s + 1}")
-    return torch.cat([_fp32(b, n) for b, n in zip(packed, sizes)]).view_as(x).to(x.dtype)
+    ranks = list(range(p))
+    sizes = chunk_sizes(x.numel(), p)
+    chunks = ring_reduce_scatter_in_place(x.detach().float().flatten().clone(), ranks, net, timeline, codec=INT8)
+    packed = [INT8.empty(n) for n in sizes]                   # all-gather of the quantised sums, encoded once
+    packed[r] = INT8.encode(chunks[r])
+    ring_all_gather_in_place(packed, ranks, net, timeline)
+    return torch.cat([INT8.decode(b, n) for b, n in zip(packed, sizes)]).view_as(x).to(x.dtype)
 
 
 class ErrorFeedback:
