@@ -101,9 +101,7 @@ def collectives_block(r: dict) -> str:
         lines.append(f"| {collective} | {algorithm} | " + " | ".join(f"{by_size[s]['bus_gb_s']:.3f}" for s in sizes)
                      + " |")
     worst = max(r["emulated"], key=lambda e: abs(e["ratio"] - 1))
-    lines += ["", "Bus bandwidth in GB/s (nccl-tests' definition), 4 ranks. Targets: " + "; ".join(
-        f"{t['name']} {t['op']} {t['target']}: {t['value']} ({'met' if t['met'] else 'missed'})" for t in r["targets"])
-        + ".", f"α-β model against emulated links: {len(r['emulated'])} cases, worst {worst['algorithm']} at "
+    lines += ["", "Bus bandwidth in GB/s (nccl-tests' definition), 4 ranks. " + _targets(r), f"α-β model against emulated links: {len(r['emulated'])} cases, worst {worst['algorithm']} at "
         f"{_size(worst['bytes'])} ({worst['network']}): measured {worst['measured_ms']:.1f} ms, predicted "
         f"{worst['predicted_ms']:.1f} ms."]
     return "\n".join(lines)
@@ -127,14 +125,36 @@ def quant_block(r: dict) -> str:
                      f"{row['expert_bytes']:,d} |")
     payload = next(row for row in r["rows"] if row["kind"] == "payload" and row["d_model"] == 7168)
     lines += ["", f"FP8 dispatch row with 1×128 fp32 scales, hidden 7168: {payload['fp8_bytes']:,d} B, "
-              f"{payload['vs_fp32']:.3f}× fp32, {payload['vs_bf16']:.3f}× bf16.", "Targets: " + "; ".join(
-                  f"{t['name']} {t['op']} {t['target']}: {t['value']} ({'met' if t['met'] else 'missed'})"
-                  for t in r["targets"]) + "."]
+              f"{payload['vs_fp32']:.3f}× fp32, {payload['vs_bf16']:.3f}× bf16.", _targets(r)]
     return "\n".join(lines)
 
 
+def slow_link_block(r: dict) -> str:
+    c = r["config"]
+    lines = [f"{c['steps']} optimizer steps on {c['nodes']} nodes × {c['per_node']} ranks (between nodes: α "
+             f"{1e3 * c['inter']['alpha']:g} ms, {c['inter']['beta'] / 1e6:g} MB/s), {c['batch_size']} sequences of 64 "
+             f"per rank per step, H = {c['H']}, outer Nesterov SGD lr {c['outer_lr']:g} momentum "
+             f"{c['outer_momentum']:g}, PowerSGD rank {c['powersgd_rank']} from step {c['powersgd_start']}:", "",
+             "| method | final val loss | vs DDP | bytes sent, all ranks (= analytic) | × DDP | simulated wall-clock |",
+             "|---|---|---|---|---|---|"]
+    for row in r["rows"]:
+        lines.append(f"| `{row['method']}`: {row['description']} | {row['val_loss']:.4f} | {row['val_vs_ddp']:+.1%} | "
+                     f"{row['sent_bytes']:,d} ({'=' if row['sent_bytes'] == row['analytic_bytes'] else '≠'}) | "
+                     f"{row['bytes_vs_ddp']:.4f} | {row['simulated_seconds']:.0f} s |")
+    variant = r["diloco_momentum_09"]
+    lines += ["", f"DiLoCo with OpenDiLoCo's outer momentum {variant['outer_momentum']:g} instead: final val loss "
+                  f"{variant['val_loss']:.4f} ({variant['val_vs_ddp']:+.1%} vs DDP).", _targets(r)]
+    return "\n".join(lines)
+
+
+def _targets(r: dict) -> str:
+    return "Targets: " + "; ".join(f"{t['name']} {t['op']} {t['target']}: {t['value']} "
+                                   f"({'met' if t['met'] else 'missed'})" for t in r["targets"]) + "."
+
+
 BLOCKS = {"notebooks": notebooks_block, "moe_dispatch": moe_dispatch_block, "train_throughput": train_throughput_block,
-          "expert_parallel": expert_parallel_block, "collectives": collectives_block, "quant": quant_block}
+          "expert_parallel": expert_parallel_block, "collectives": collectives_block, "quant": quant_block,
+          "slow_link": slow_link_block}
 
 
 def main() -> None:

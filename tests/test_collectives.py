@@ -1,4 +1,6 @@
 """Hand-written collectives equal torch.distributed's built-ins (gloo) on 2–6 ranks, and count their bytes."""
+import time
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -138,6 +140,31 @@ def test_each_emulated_round_lasts_at_least_its_alpha_beta_time():
         ends = [rounds[0][0]] + [end for _, end in rounds]            # a round ends >= α + n/β after the last
         assert all(b - a >= link.time(1000 * 4) for a, b in zip(ends, ends[1:]))
         assert ends[-1] - ends[0] >= cost("ring_all_reduce", 1000 * p * 4, p, link)
+
+
+def virtual_rank(rank, p, link):
+    net = Network(Topology(1, p), intra=link, inter=link, virtual=True)
+    net.reset()
+    real, simulated = time.perf_counter(), net.now()
+    C.ring_all_reduce(torch.ones(1000 * p), net)
+    real, simulated = time.perf_counter() - real, net.now() - simulated
+    with net.paused():
+        time.sleep(0.05)
+    return real, simulated, net.link_seconds, net.now() - net.clock
+
+
+def test_a_virtual_network_simulates_the_alpha_beta_time_without_sleeping_it():
+    link, p = Link("emulated", alpha=0.5, beta=1e4), 3                 # 2(p−1) rounds of 0.9 s each
+    predicted = cost("ring_all_reduce", 1000 * p * 4, p, link)
+    for real, simulated, link_seconds, after_pause in launch(virtual_rank, p, args=(link,), backend="gloo",
+                                                             timeout=60):
+        assert real < predicted / 10
+        assert link_seconds == pytest.approx(predicted)
+        assert predicted <= simulated < predicted + 0.5                 # plus this laptop's own work
+        assert after_pause < 0.05                                       # the paused sleep did not count
+    with pytest.raises(ValueError, match="virtual = False is not allowed"):
+        with Network(Topology(1, 1)).paused():
+            pass
 
 
 def bad_rank(rank, p, case):

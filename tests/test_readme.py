@@ -4,6 +4,8 @@ import json
 import re
 from pathlib import Path
 
+from moelab.experiments.slow_link import METHODS
+
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 RESULTS = json.loads((ROOT / "benchmarks" / "results" / "notebooks.json").read_text(encoding="utf-8"))
@@ -67,6 +69,17 @@ def test_collectives_table_quotes_benchmarks_results():
     section = README[README.index("## Collectives (measured)"):README.index("## 8-bit matmuls")]
     assert {(r["collective"], r["algorithm"]) for r in results["rows"]} >= {
         ("all_reduce", "gloo"), ("all_reduce", "ring"), ("reduce_scatter", "ring"), ("all_to_all", "pairwise")}
+    for t in results["targets"]:
+        assert f"{t['name']} {t['op']} {t['target']}: {t['value']}" in section, t["name"]
+
+
+def test_slow_link_table_quotes_benchmarks_results():
+    results = json.loads((ROOT / "benchmarks" / "results" / "slow_link.json").read_text(encoding="utf-8"))
+    section = README[README.index("## Slow-link training (measured)"):README.index("## Other commands")]
+    assert [row["method"] for row in results["rows"]] == list(METHODS)
+    for row in results["rows"]:
+        assert row["sent_bytes"] == row["analytic_bytes"], row["method"]
+        assert f"| {row['val_loss']:.4f} | {row['val_vs_ddp']:+.1%} | {row['sent_bytes']:,d} (=) |" in section
     for t in results["targets"]:
         assert f"{t['name']} {t['op']} {t['target']}: {t['value']}" in section, t["name"]
 

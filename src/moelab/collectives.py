@@ -58,7 +58,8 @@ def exchange(sends: Sequence[Message], recvs: Sequence[Message], net: Network | 
             me = dist.get_rank()
             sizes = [(peer, t.numel() * t.element_size()) for peer, t in sends]
             recv_sizes = [(peer, t.numel() * t.element_size()) for peer, t in recvs]
-            begin = net.begin(start, net.round_time(me, sizes, recv_sizes))
+            round_time = net.round_time(me, sizes, recv_sizes)
+            begin = net.begin(net.now(), round_time)
             device = (sends or recvs)[0][1].device if sends or recvs else torch.device("cpu")
             stamp = torch.tensor([begin], dtype=torch.float64, device=device)
             senders = sorted({peer for peer, _ in recvs})
@@ -79,9 +80,7 @@ def exchange(sends: Sequence[Message], recvs: Sequence[Message], net: Network | 
             for peer, n in sizes:
                 net.count(me, peer, n)
             end = net.round_end(me, begin, sizes, recv_sizes, {peer: float(t) for peer, t in stamps.items()})
-            if end > time.perf_counter():
-                time.sleep(end - time.perf_counter())
-            net.clock = max(end, time.perf_counter())
+            net.finish_round(round_time, end)
         event.comm = time.perf_counter() - start
 
 

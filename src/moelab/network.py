@@ -9,13 +9,23 @@ converts a measured time to nccl-tests' *bus bandwidth*, comparable across rank 
 **Emulated links.** On one laptop every message travels over loopback. A :class:`Network` makes the link
 between two ranks a class — fast inside a node ("NVLink"), slow between nodes ("25 GbE") — and every round of
 messages of the collectives takes at least the α-β time of its slowest message: after the real transfer the
-rank sleeps for the rest (:meth:`Network.begin` says when the round began). It also counts the bytes and messages each rank sent, per link class. So a learner
-runs the same collective over two networks and sees the model's prediction come true.
+rank sleeps for the rest (:meth:`Network.begin` says when the round began). It also counts the bytes and messages
+each rank sent, per link class. So a learner runs the same collective over two networks and sees the model's
+prediction come true.
+
+**Virtual time.** A training run over a slow link would sleep for minutes; with ``virtual=True`` the network
+sleeps not at all and keeps a *simulated* clock instead (:meth:`Network.now`): the real clock, except that every
+round's loopback time is replaced by its α-β time on the emulated links (late senders included, as above). The
+computation between rounds is measured as it runs; :meth:`Network.paused` leaves out what should not count
+(evaluation, say). ``link_seconds`` adds up the α-β time of the rounds alone.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import time
 from dataclasses import dataclass, field
+from typing import Iterator
 
 
 @dataclass(frozen=True)
@@ -87,14 +97,43 @@ class Network:
     ranks share one NIC would be slower than this model.
 
     :func:`moelab.collectives.exchange` asks it how long each round must take (:meth:`round_time`) and reports
-    each message it sent (:meth:`count`); ``sent_bytes`` and ``messages`` are per link class name."""
+    each message it sent (:meth:`count`); ``sent_bytes`` and ``messages`` are per link class name. With
+    ``virtual`` it does not sleep but keeps simulated time (see the module docstring)."""
 
     topology: Topology
     intra: Link = FAST
     inter: Link = SLOW
+    virtual: bool = False
     sent_bytes: dict[str, int] = field(default_factory=dict)
     messages: dict[str, int] = field(default_factory=dict)
-    clock: float | None = None          # perf_counter time at which this rank's last round ended
+    clock: float | None = None          # time (:meth:`now`) at which this rank's last round ended
+    offset: float = 0.0                 # simulated minus real time (virtual networks)
+    link_seconds: float = 0.0           # the α-β time of all rounds so far
+
+    def now(self) -> float:
+        """This rank's time on the network: ``perf_counter()``, shifted on a virtual network."""
+        return time.perf_counter() + self.offset
+
+    def finish_round(self, round_time: float, end: float) -> None:
+        """A round is over on this rank; on the emulated links it ends at ``end``: sleep until then, or on a
+        virtual network move the simulated clock there (earlier or later than the real clock)."""
+        self.link_seconds += round_time
+        if self.virtual:
+            self.offset += end - self.now()
+        elif end > self.now():
+            time.sleep(end - self.now())
+        self.clock = max(end, self.now())
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Stop a virtual network's clock for the block (for work that is not part of the run being timed)."""
+        if not self.virtual:
+            raise ValueError("Network.paused: virtual = False is not allowed; allowed: a virtual network")
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.offset -= time.perf_counter() - start
 
     def link(self, a: int, b: int) -> Link:
         return self.intra if self.topology.node(a) == self.topology.node(b) else self.inter
@@ -134,9 +173,12 @@ class Network:
         self.messages[name] = self.messages.get(name, 0) + 1
 
     def reset(self) -> None:
+        """Zero the counters and the clocks (all ranks together: simulated clocks restart from the real one)."""
         self.sent_bytes.clear()
         self.messages.clear()
         self.clock = None
+        self.offset = 0.0
+        self.link_seconds = 0.0
 
 
 ALGORITHMS = ("ring_all_reduce", "halving_doubling_all_reduce", "ring_reduce_scatter", "ring_all_gather",

@@ -12,17 +12,30 @@ next step's input, so that no part of the gradient is lost for good, only delaye
 **DiLoCo** (Douillard et al. 2023): every worker takes ``H`` inner steps alone from the shared parameters
 ``θ``; then the *pseudo-gradient* ``Δ = θ − θ_local`` (old global minus new local: the direction the workers moved,
 negated like a gradient) is averaged over the workers and an outer optimizer (Nesterov SGD) steps ``θ`` with it.
-With ``H = 1``, an inner SGD step, outer lr 1 and no momentum this is plain data parallel SGD. Built in
-notebooks/08_slow_link_training.ipynb (planned).
+With ``H = 1``, an inner SGD step, outer lr 1 and no momentum this is plain data parallel SGD; with any ``H``,
+outer lr 1 and no momentum it is **local SGD** (Stich 2019; Lin et al. 2020): the new parameters are the workers'
+average.
+
+**Over an emulated network.** :class:`LinkGroup` is a process group whose all-reduce is the ring of
+:mod:`moelab.collectives` over a :class:`~moelab.network.Network`. Torch's own DDP communication hooks —
+``allreduce_hook``, ``fp16_compress_hook``, ``powerSGD_hook`` (Vogels et al. 2019) — take it as their process
+group, so their every byte crosses the emulated links and is counted per link class; :func:`int8_hook` is the
+INT8 all-reduce with error feedback as a DDP hook. (Torch's ``bf16_compress_hook`` would fit too, but it refuses
+to run on gloo: "BF16 all reduce communication hook required CUDA 11+ and NCCL 2.10+".) :func:`ring_bytes` and
+:func:`powersgd_sizes` count what each method must send, for the tests. Built in
+notebooks/08_slow_link_training.ipynb.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
 from . import quant
-from .collectives import Codec, chunk_sizes, ring_all_gather_in_place, ring_reduce_scatter_in_place
-from .network import Network
+from .collectives import (Codec, chunk_sizes, ring_all_gather_in_place, ring_all_reduce,
+                          ring_reduce_scatter_in_place)
+from .network import Link, Network, cost
 from .timeline import Timeline
 
 BLOCK = 128
@@ -65,9 +78,11 @@ class ErrorFeedback:
     def __init__(self) -> None:
         self.residual: dict[int, torch.Tensor] = {}
 
-    def compress(self, key: int, g: torch.Tensor) -> torch.Tensor:
+    def compress(self, key: int, g: torch.Tensor, pieces: list[int] | None = None) -> torch.Tensor:
+        """``g`` plus the residual kept under ``key``, rounded to INT8 tiles; with ``pieces`` (sizes), each piece's
+        tiles start at the piece (give the ring's chunks, and the ring's first rounding finds nothing to drop)."""
         v = g.detach().float().flatten() + self.residual.get(key, 0.0)
-        sent = _fp32(_int8(v), v.numel())
+        sent = torch.cat([_fp32(_int8(piece), piece.numel()) for piece in v.split(pieces or [v.numel()])])
         self.residual[key] = v - sent
         return sent.view_as(g)
 
@@ -99,3 +114,122 @@ def outer_step(global_params: list[torch.Tensor], local_params: list[torch.Tenso
         for g, l in zip(global_params, local_params):
             l.copy_(g)
     return flat.numel()
+
+
+def ring_bytes(n: int, p: int, rank: int, message_bytes=lambda k: 4 * k) -> int:
+    """Bytes ``rank`` sends in a ring all-reduce of ``n`` values over ``p`` ranks (chunks as
+    :func:`~moelab.collectives.chunk_sizes`), a chunk of ``k`` values costing ``message_bytes(k)``: in the
+    reduce-scatter it sends every chunk but its own, in the all-gather every chunk but its right neighbour's."""
+    sizes = chunk_sizes(n, p)
+    return sum(message_bytes(sizes[c]) for c in range(p) if c != rank) + \
+        sum(message_bytes(sizes[c]) for c in range(p) if c != (rank + 1) % p)
+
+
+def int8_message_bytes(k: int) -> int:
+    """Bytes of a chunk of ``k`` values on the INT8 wire: ``k`` INT8 values and an fp32 scale per 128."""
+    return _packed_size(k)
+
+
+def powersgd_sizes(shapes: list[torch.Size], rank: int, min_compression_rate: float = 2.0) -> tuple[int, int, int]:
+    """The values one PowerSGD step all-reduces for a bucket of gradients of these ``shapes``, following torch's
+    ``powerSGD_hook``: each tensor is an ``n × m`` matrix (first dimension × the rest), sent as ``P``
+    (``n × r``) and ``Q`` (``m × r``) with ``r = min(n, m, rank)`` when that is ``min_compression_rate`` times
+    smaller, else uncompressed (vectors always are). Returns ``(uncompressed, P, Q)`` values: three
+    all-reduces."""
+    plain = p_values = q_values = 0
+    for shape in shapes:
+        n, m = shape[0], shape.numel() // shape[0]
+        r = min(n, m, rank)
+        if (n + m) * r * min_compression_rate < n * m:
+            p_values, q_values = p_values + n * r, q_values + m * r
+        else:
+            plain += shape.numel()
+    return plain, p_values, q_values
+
+
+class _Done(dist._Work):
+    """A finished piece of work (our collectives complete before they return)."""
+
+    def __init__(self, result) -> None:
+        super().__init__()
+        self.future = torch.futures.Future()
+        self.future.set_result(result)
+
+    def wait(self, timeout=None) -> bool:
+        return True
+
+    def get_future(self) -> torch.futures.Future:
+        return self.future
+
+
+class LinkGroup(dist.ProcessGroup):
+    """All ranks of the default group, with an all-reduce (sum) that is :func:`moelab.collectives.ring_all_reduce`
+    over ``net``: give it to torch's DDP communication hooks as their process group. Its messages travel on the
+    default group (gloo or NCCL), with that group's timeout."""
+
+    def __init__(self, net: Network) -> None:
+        super().__init__(dist.get_rank(), dist.get_world_size())
+        self.net = net
+
+    def allreduce(self, tensors: list[torch.Tensor], opts) -> dist._Work:
+        if opts.reduceOp != dist.ReduceOp.SUM:
+            raise ValueError(f"LinkGroup.allreduce: op = {opts.reduceOp} is not allowed; allowed: SUM")
+        for t in tensors:
+            t.copy_(ring_all_reduce(t, self.net))
+        return _Done(tensors)
+
+    def getBackendName(self) -> str:
+        return "emulated"
+
+
+@dataclass
+class Int8HookState:
+    """State of :func:`int8_hook`: the network to send over and, if ``error_feedback``, the residuals."""
+
+    net: Network | None = None
+    error_feedback: bool = True
+    feedback: ErrorFeedback = field(default_factory=ErrorFeedback)
+
+
+def int8_hook(state: Int8HookState, bucket):      # no annotations: DDP checks them, and here they are strings
+    """A DDP communication hook (``bucket``: a ``dist.GradBucket``; returns a future of the averaged bucket): the bucket's gradients averaged by :func:`int8_all_reduce` over ``state.net``,
+    after error feedback rounded them, chunk by chunk, to what the INT8 wire carries (so what the first hop
+    drops is sent later, not lost)::
+
+        ddp_model.register_comm_hook(Int8HookState(net), int8_hook)"""
+    g = bucket.buffer()
+    if state.error_feedback:
+        g = state.feedback.compress(bucket.index(), g, chunk_sizes(g.numel(), dist.get_world_size()))
+    average = int8_all_reduce(g, state.net) / dist.get_world_size()
+    future = torch.futures.Future()
+    future.set_result(average.to(bucket.buffer().dtype))
+    return future
+
+
+@dataclass
+class BucketLog:
+    """What DDP handed a communication hook: for each call, the bucket's number of values and its gradients'
+    shapes (from which :func:`ring_bytes` and :func:`powersgd_sizes` say what the hook must send)."""
+
+    calls: list[tuple[int, list[torch.Size]]] = field(default_factory=list)
+
+
+def logged(hook, log: BucketLog):
+    """``hook``, recording every bucket in ``log`` before it runs: ``ddp.register_comm_hook(state,
+    logged(fp16_compress_hook, log))``."""
+    def hook_with_log(state, bucket):                   # unannotated, as int8_hook
+        log.calls.append((bucket.buffer().numel(), [g.shape for g in bucket.gradients()]))
+        return hook(state, bucket)
+    return hook_with_log
+
+
+def data_parallel_step(params: float, tokens: float, nodes: int, link: Link, flops: float,
+                       H: int = 100) -> dict[str, float]:
+    """Seconds per step of data parallelism across ``nodes`` nodes joined by ``link`` (each node's bandwidth to
+    the others): ``compute``, ``6 · params · tokens`` FLOPs (Kaplan et al. 2020: forward 2, backward 4 per
+    parameter per token) at ``flops`` per second for a node's ``tokens``; ``all_reduce``, the ring all-reduce of
+    the fp32 gradients (:func:`moelab.network.cost`, not overlapped with the compute); and ``diloco_int8``, the
+    ring all-reduce of INT8 pseudo-gradients (1 + 4/128 bytes a value) every ``H`` steps, per step."""
+    return {"compute": 6 * params * tokens / flops,
+            "all_reduce": cost("ring_all_reduce", 4 * params, nodes, link),
+            "diloco_int8": cost("ring_all_reduce", params * (1 + 4 / BLOCK), nodes, link) / H}
