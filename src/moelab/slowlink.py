@@ -80,7 +80,8 @@ class ErrorFeedback:
 
     def compress(self, key: int, g: torch.Tensor, pieces: list[int] | None = None) -> torch.Tensor:
         """``g`` plus the residual kept under ``key``, rounded to INT8 tiles; with ``pieces`` (sizes), each piece's
-        tiles start at the piece (give the ring's chunks, and the ring's first rounding finds nothing to drop)."""
+        tiles start at the piece (give the ring's chunks, and the ring's first rounding finds (almost) nothing
+        left to drop)."""
         v = g.detach().float().flatten() + self.residual.get(key, 0.0)
         sent = torch.cat([_fp32(_int8(piece), piece.numel()) for piece in v.split(pieces or [v.numel()])])
         self.residual[key] = v - sent
@@ -184,22 +185,20 @@ class LinkGroup(dist.ProcessGroup):
 
 @dataclass
 class Int8HookState:
-    """State of :func:`int8_hook`: the network to send over and, if ``error_feedback``, the residuals."""
+    """State of :func:`int8_hook`: the network to send over and the error feedback's residuals."""
 
     net: Network | None = None
-    error_feedback: bool = True
     feedback: ErrorFeedback = field(default_factory=ErrorFeedback)
 
 
 def int8_hook(state: Int8HookState, bucket):      # no annotations: DDP checks them, and here they are strings
-    """A DDP communication hook (``bucket``: a ``dist.GradBucket``; returns a future of the averaged bucket): the bucket's gradients averaged by :func:`int8_all_reduce` over ``state.net``,
-    after error feedback rounded them, chunk by chunk, to what the INT8 wire carries (so what the first hop
-    drops is sent later, not lost)::
+    """A DDP communication hook (``bucket``: a ``dist.GradBucket``; returns a future of the averaged bucket):
+    the bucket's gradients averaged by :func:`int8_all_reduce` over ``state.net``, after error feedback rounded
+    them, chunk by chunk, to what the INT8 wire carries (so what the first hop drops is sent later, not lost)::
 
         ddp_model.register_comm_hook(Int8HookState(net), int8_hook)"""
-    g = bucket.buffer()
-    if state.error_feedback:
-        g = state.feedback.compress(bucket.index(), g, chunk_sizes(g.numel(), dist.get_world_size()))
+    g = state.feedback.compress(bucket.index(), bucket.buffer(), chunk_sizes(bucket.buffer().numel(),
+                                                                             dist.get_world_size()))
     average = int8_all_reduce(g, state.net) / dist.get_world_size()
     future = torch.futures.Future()
     future.set_result(average.to(bucket.buffer().dtype))

@@ -25,6 +25,7 @@ dedicated core's.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -35,6 +36,7 @@ from .. import train
 from ..collectives import ring_all_reduce
 from ..config import check, check_float, check_int
 from ..data import load_corpus
+from ..dist import rank_device
 from ..model import Transformer
 from ..network import FAST, SLOW, Link, Network, Topology
 from ..slowlink import (BucketLog, Int8HookState, LinkGroup, int8_all_reduce, int8_hook, int8_message_bytes,
@@ -140,14 +142,14 @@ class MethodState:
     ddp: DistributedDataParallel | None = None
     global_params: list[torch.Tensor] = field(default_factory=list)
     outer_opt: torch.optim.Optimizer | None = None
-    all_reduce: object = None
+    all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 def build(method: str, run: SlowLinkConfig, net: Network, log: BucketLog, vocab_size: int) -> MethodState:
-    """The model (seeded alike on every rank) and, for ``method``: DDP with its hook over ``LinkGroup(net)``
+    """The model (seeded alike on every rank, on :func:`~moelab.dist.rank_device`) and, for ``method``: DDP with its hook over ``LinkGroup(net)``
     (buckets logged in ``log``), or the global parameters, the outer SGD and the all-reduce over ``net``."""
     torch.manual_seed(run.seed)
-    model = Transformer(lm_config(vocab_size))
+    model = Transformer(lm_config(vocab_size)).to(rank_device())
     state = MethodState(model, train.make_optimizer(model, run.train_config()))
     if method in HOOKS:
         state.ddp = DistributedDataParallel(model, bucket_cap_mb=BUCKET_MB)
@@ -180,7 +182,7 @@ def train_step(state: MethodState, step: int, run: SlowLinkConfig, x: torch.Tens
         if (step + 1) % run.H == 0:
             outer_step(state.global_params, list(state.model.parameters()), state.outer_opt, state.all_reduce)
         return loss.item()
-    _, loss = state.ddp(x, y)
+    _, loss = state.ddp(x.to(state.model.device), y.to(state.model.device))
     state.opt.zero_grad(set_to_none=True)
     (loss + state.model.aux_loss).backward()
     torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.grad_clip)
