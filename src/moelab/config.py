@@ -85,6 +85,8 @@ def check_routing(owner: str, n_experts: int, top_k: int, n_group: int, topk_gro
           f"only topk_group · {names} / n_group = {reachable} experts are reachable; allowed: 1..{reachable}")
 
 
+ATTENTIONS = ("gqa", "mla")                          # moelab.model.CausalSelfAttention, moelab.mla
+MLA_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
 ROUTERS = ("softmax", "sigmoid")                      # moelab.router.SoftmaxRouter, SigmoidRouter
 DISPATCHES = ("loop", "sorted", "grouped", "capacity")  # moelab.dispatch
 
@@ -94,6 +96,8 @@ class ModelConfig:
     """A decoder-only language model. Frozen: derive variants with ``dataclasses.replace`` (which re-validates).
 
     ``n_kv_head = None`` means ``n_head`` (plain multi-head attention); a divisor of ``n_head`` gives GQA.
+    ``head_dim = None`` means ``d_model // n_head``; Qwen3 sets it larger (``n_head · head_dim ≠ d_model``).
+    ``qk_norm`` applies an RMSNorm to each head's queries and keys before RoPE (Qwen3's QK-norm).
     ``d_ff = None`` means :func:`swiglu_hidden` of ``d_model``.
 
     With ``n_routed_experts > 0`` every layer from ``first_k_dense`` on is a mixture of experts
@@ -104,6 +108,11 @@ class ModelConfig:
     ``topk_group`` of ``n_group`` groups; ``dispatch`` one of :data:`DISPATCHES`, ``capacity_factor`` for
     ``"capacity"``. Balancing: ``aux_loss_coef`` (Switch), ``z_loss_coef`` (ST-MoE), ``seq_aux_coef``
     (DeepSeek-V3 sequence-wise), ``bias_update_speed`` (DeepSeek-V3 aux-loss-free γ).
+
+    ``attention = "mla"`` replaces grouped-query attention by multi-head latent attention (:mod:`moelab.mla`,
+    DeepSeek-V2/V3) with ``q_lora_rank`` (0: no query bottleneck), ``kv_lora_rank``, ``qk_nope_head_dim``,
+    ``qk_rope_head_dim`` and ``v_head_dim``; ``n_kv_head`` does not apply to it, and ``head_dim`` is its query and
+    key head size, ``qk_nope_head_dim + qk_rope_head_dim``.
     """
 
     vocab_size: int
@@ -111,6 +120,7 @@ class ModelConfig:
     n_layer: int = 4
     n_head: int = 4
     n_kv_head: int | None = None
+    head_dim: int | None = None
     d_model: int = 128
     d_ff: int | None = None
     dropout: float = 0.0
@@ -118,6 +128,14 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     init_std: float = 0.02
+    # Attention: "gqa" (grouped-query, n_kv_head) or "mla" (multi-head latent attention, moelab.mla).
+    attention: str = "gqa"
+    qk_norm: bool = False
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
     # Mixture of experts (notebooks 02-03); n_routed_experts = 0 keeps every FFN dense.
     n_routed_experts: int = 0
     n_shared_experts: int = 0
@@ -144,13 +162,13 @@ class ModelConfig:
                                                  else self.n_kv_head))
         set_checked(self, "d_ff", check_int(owner, "d_ff", swiglu_hidden(self.d_model) if self.d_ff is None
                                             else self.d_ff))
-        check(self.d_model % 2 == 0, owner, "d_model", self.d_model,
-              "allowed: an even number (RoPE rotates pairs of coordinates, so head_dim must be even)")
-        heads = [h for h in divisors(self.d_model) if (self.d_model // h) % 2 == 0]
-        shown = ", ".join(map(str, heads)) if len(heads) <= 12 else f"{', '.join(map(str, heads[:8]))}, …"
-        check(self.n_head in heads, owner, "n_head", self.n_head,
-              f"it must divide d_model = {self.d_model} into an even head_dim (RoPE rotates pairs); "
-              f"allowed: {shown}")
+        check(self.attention in ATTENTIONS, owner, "attention", self.attention,
+              f"allowed: {', '.join(map(repr, ATTENTIONS))}")
+        if self.attention == "mla":
+            self._check_mla(owner)
+        else:
+            self._check_gqa_heads(owner)
+        check(isinstance(self.qk_norm, bool), owner, "qk_norm", self.qk_norm, "allowed: True or False")
         check(self.n_head % self.n_kv_head == 0, owner, "n_kv_head", self.n_kv_head,
               f"it must divide n_head = {self.n_head}; allowed: {', '.join(map(str, divisors(self.n_head)))}")
         set_checked(self, "dropout", check_float(owner, "dropout", self.dropout, 0.0, 1.0, high_open=True))
@@ -161,6 +179,33 @@ class ModelConfig:
               "allowed: True or False")
         set_checked(self, "init_std", check_float(owner, "init_std", self.init_std, 0.0, 1.0))
         self._check_moe(owner)
+
+    def _check_gqa_heads(self, owner: str) -> None:
+        if self.head_dim is None:
+            check(self.d_model % 2 == 0, owner, "d_model", self.d_model,
+                  "allowed: an even number (RoPE rotates pairs of coordinates, so head_dim must be even)")
+            heads = [h for h in divisors(self.d_model) if (self.d_model // h) % 2 == 0]
+            shown = ", ".join(map(str, heads)) if len(heads) <= 12 else f"{', '.join(map(str, heads[:8]))}, …"
+            check(self.n_head in heads, owner, "n_head", self.n_head,
+                  f"it must divide d_model = {self.d_model} into an even head_dim (RoPE rotates pairs); "
+                  f"allowed: {shown}")
+            set_checked(self, "head_dim", self.d_model // self.n_head)
+        set_checked(self, "head_dim", check_int(owner, "head_dim", self.head_dim, 2))
+        check(self.head_dim % 2 == 0, owner, "head_dim", self.head_dim,
+              "allowed: an even number (RoPE rotates pairs of coordinates)")
+        for name in MLA_FIELDS:
+            check(getattr(self, name) == 0, owner, name, getattr(self, name), "allowed: 0 unless attention = 'mla'")
+
+    def _check_mla(self, owner: str) -> None:
+        for name, minimum in (("q_lora_rank", 0), ("kv_lora_rank", 1), ("qk_nope_head_dim", 0),
+                              ("qk_rope_head_dim", 2), ("v_head_dim", 1)):
+            set_checked(self, name, check_int(owner, name, getattr(self, name), minimum))
+        check(self.qk_rope_head_dim % 2 == 0, owner, "qk_rope_head_dim", self.qk_rope_head_dim,
+              "allowed: an even number (RoPE rotates pairs of coordinates)")
+        size = self.qk_nope_head_dim + self.qk_rope_head_dim
+        check(self.head_dim in (None, size), owner, "head_dim", self.head_dim,
+              f"allowed with attention = 'mla': None or qk_nope_head_dim + qk_rope_head_dim = {size}")
+        set_checked(self, "head_dim", size)
 
     def _check_moe(self, owner: str) -> None:
         for name, minimum in (("n_routed_experts", 0), ("n_shared_experts", 0), ("top_k", 1), ("first_k_dense", 0),
@@ -184,8 +229,16 @@ class ModelConfig:
             check_routing(owner, self.n_routed_experts, self.top_k, self.n_group, self.topk_group)
 
     @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_head
+    def rope_head_dim(self) -> int:
+        """The dimensions RoPE rotates per head: ``head_dim``, or MLA's decoupled ``qk_rope_head_dim``."""
+        return self.qk_rope_head_dim if self.attention == "mla" else self.head_dim
+
+    def kv_cache_elements(self) -> int:
+        """Values a decoder caches per token and layer: ``2 · n_kv_head · head_dim`` (keys and values), or for
+        MLA ``kv_lora_rank + qk_rope_head_dim`` (the latent and the shared RoPE key)."""
+        if self.attention == "mla":
+            return self.kv_lora_rank + self.qk_rope_head_dim
+        return 2 * self.n_kv_head * self.head_dim
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,8 +1,8 @@
 """A decoder-only transformer language model, written to be read in one sitting.
 
 Pre-norm residual blocks (``x + attn(norm(x))``, ``x + ffn(norm(x))``) with RMSNorm, rotary position
-embeddings, causal multi-head attention with an optional grouped-query layout, and a SwiGLU feed-forward
-network. Attention and block names follow Llama's and DeepSeek-V3's reference ``model.py`` (``wq``, ``wo``,
+embeddings (both in :mod:`moelab.layers`), causal multi-head attention with an optional grouped-query layout (or
+DeepSeek's multi-head latent attention, :mod:`moelab.mla`), and a SwiGLU feed-forward network. Attention and block names follow Llama's and DeepSeek-V3's reference ``model.py`` (``wq``, ``wo``,
 ``attn_norm``, ``ffn_norm``, ``tok_embeddings``, ``output``); the SwiGLU matrices are named for what they do,
 ``w_gate`` / ``w_up`` / ``w_down`` (``w1`` / ``w3`` / ``w2`` there, ``gate_proj`` / ``up_proj`` / ``down_proj``
 in Hugging Face). The FFN slot is pluggable: ``Transformer(config, make_ffn=...)`` puts any module there;
@@ -20,6 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
+from .layers import RMSNorm, apply_rope, rope_cache
+from .mla import MultiHeadLatentAttention
 from .moe import MoE, ffn_for_layer
 
 
@@ -36,50 +38,12 @@ def evaluating(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         model.train(was_training)
 
-class RMSNorm(nn.Module):
-    """``x / sqrt(mean(x²) + eps) * weight`` over the last dimension (Zhang & Sennrich 2019, arXiv:1910.07467).
-
-    Computed in float32 whatever the input dtype, as Llama and DeepSeek-V3 do.
-    """
-
-    def __init__(self, dim: int, eps: float = 1e-5):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (normed * self.weight.float()).type_as(x)
-
-
-def rope_cache(head_dim: int, max_len: int, theta: float = 10_000.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the rotation angles ``m·θ_i``, ``θ_i = theta^(-2i/head_dim)``: each ``(max_len, head_dim/2)``.
-
-    Source: Su et al. 2021, RoFormer (arXiv:2104.09864) eq. 15.
-    """
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
-    return angles.cos().float(), angles.sin().float()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate each pair ``(x[2i], x[2i+1])`` of the last dimension by the angle of its position.
-
-    ``x``: ``(..., T, head_dim)``; ``cos``/``sin``: ``(T, head_dim/2)``. The interleaved-pair layout is
-    RoFormer's eq. 34 and DeepSeek-V3's (complex multiplication); HF Llama rotates halves instead.
-    After rotation ``q_m · k_n`` depends on positions only through ``m - n``.
-    """
-    x1, x2 = x[..., 0::2].float(), x[..., 1::2].float()
-    rotated = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
-    return rotated.flatten(-2).type_as(x)
-
-
 class CausalSelfAttention(nn.Module):
     """Causal scaled dot-product attention (Vaswani et al. 2017) with RoPE and grouped-query heads.
 
     ``n_kv_head < n_head`` shares each key/value head among ``n_head / n_kv_head`` query heads
-    (Ainslie et al. 2023, GQA); ``n_kv_head == n_head`` is plain multi-head attention.
+    (Ainslie et al. 2023, GQA); ``n_kv_head == n_head`` is plain multi-head attention. With ``qk_norm``, each
+    head's queries and keys pass an RMSNorm before RoPE (Qwen3's QK-norm; Dehghani et al. 2023).
     """
 
     def __init__(self, config: ModelConfig):
@@ -90,6 +54,9 @@ class CausalSelfAttention(nn.Module):
         self.wk = nn.Linear(config.d_model, config.n_kv_head * config.head_dim, bias=False)
         self.wv = nn.Linear(config.d_model, config.n_kv_head * config.head_dim, bias=False)
         self.wo = nn.Linear(config.n_head * config.head_dim, config.d_model, bias=False)
+        if config.qk_norm:                                 # Qwen3: RMSNorm over each head's q and k
+            self.q_norm = RMSNorm(config.head_dim, config.norm_eps)
+            self.k_norm = RMSNorm(config.head_dim, config.norm_eps)
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -97,6 +64,8 @@ class CausalSelfAttention(nn.Module):
         q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)      # (B, H, T, hd)
         k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)   # (B, KV, T, hd)
         v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos[:T], sin[:T]), apply_rope(k, cos[:T], sin[:T])
         y = F.scaled_dot_product_attention(
             q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0,
@@ -111,7 +80,7 @@ class Block(nn.Module):
     def __init__(self, config: ModelConfig, ffn: nn.Module):
         super().__init__()
         self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
-        self.attn = CausalSelfAttention(config)
+        self.attn = MultiHeadLatentAttention(config) if config.attention == "mla" else CausalSelfAttention(config)
         self.ffn_norm = RMSNorm(config.d_model, config.norm_eps)
         self.ffn = ffn
 
@@ -142,7 +111,7 @@ class Transformer(nn.Module):
         self.output = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        cos, sin = rope_cache(config.head_dim, config.block_size, config.rope_theta)
+        cos, sin = rope_cache(config.rope_head_dim, config.block_size, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()

@@ -1,0 +1,145 @@
+"""Sizing a model before buying hardware: bytes per device for a parallel layout, and MoE traffic per token.
+
+**Memory** (:func:`memory_per_device`). A layout splits ``devices = dp · tp · pp`` ways (:class:`Layout`):
+``tp``-way tensor parallelism inside each layer and ``pp`` pipeline stages split every parameter; the routed
+experts are also sharded ``ep`` ways across data-parallel replicas (expert parallelism, ``ep`` dividing ``dp``),
+and not split by ``tp`` (as DeepSeek-V3 runs its experts); ZeRO-1 (Rajbhandari et al. 2020) shards the optimizer
+states over the replicas that hold the same parameters — ``dp`` of them for the rest of the model, ``dp / ep``
+for an expert. Per parameter: its weight in the weight dtype, its gradient in the gradient dtype, and AdamW's two
+moments in fp32, plus an fp32 master copy when the weights are not fp32 (mixed-precision training, Micikevicius
+et al. 2018) — 16 bytes a parameter for BF16 training. Activations for training follow Korthikanti et al. 2022
+(Table 2, 16-bit, sequence parallelism, attention scores not stored): ``34 · d_model`` bytes per token per layer,
+divided by ``tp`` — a dense-transformer estimate that an MoE's wider FFN activations exceed. The KV cache for
+inference is :meth:`~moelab.config.ModelConfig.kv_cache_elements` per token and layer (split by ``tp`` for
+grouped-query heads; MLA's latent is one per token and is not).
+
+**Traffic** (:func:`moe_traffic`): the rows an MoE layer sends per token — ``top_k`` copies of the hidden state
+out (dispatch) and back (combine) — in a wire format (fp32, bf16, or fp8 with one fp32 scale per 128 values, as
+:mod:`moelab.quant` packs it), and how many copies at most cross between nodes when each token may reach at most
+``node_limit`` nodes and a copy crosses once per node (DeepSeek-V3 §3.2.2).
+
+**Step time** (:func:`moe_step_time`): a training step of a :class:`Cluster` from stated assumptions — compute
+``6 · N_active · tokens`` at the devices' FLOP/s times an MFU, and the expert-parallel all-to-alls of every MoE
+layer, forward and backward, with experts spread evenly over all devices and routing uniform: of a token's
+copies, ``(nodes − 1)/nodes`` cross the network (at most ``node_limit`` per token, each node once) and
+``(G − 1)/G`` of the rest move over NVLink inside the node; NVLink and the network work at the same time, so a
+layer's exchange takes the slower of the two. Reported without overlap (compute + communication) and with
+perfect overlap (the larger of the two), the bounds between which a real schedule such as DualPipe falls.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import ModelConfig, check, check_int
+from .network import Link
+from .presets import analytic_counts
+
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp8": 1}
+ADAM_BYTES = 8                       # AdamW's first and second moments, fp32
+ACTIVATION_BYTES = 34                # per token, layer and hidden unit (Korthikanti et al. 2022, Table 2)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """``dp`` data-parallel replicas × ``tp`` tensor-parallel ranks × ``pp`` pipeline stages; the routed experts
+    sharded over ``ep`` of the replicas; ``zero1``: optimizer states sharded over the replicas."""
+
+    dp: int = 1
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    zero1: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("dp", "tp", "pp", "ep"):
+            check_int("Layout", name, getattr(self, name))
+        check(self.dp % self.ep == 0, "Layout", "ep", self.ep, f"allowed: a divisor of dp = {self.dp}")
+
+    @property
+    def devices(self) -> int:
+        return self.dp * self.tp * self.pp
+
+
+def memory_per_device(config: ModelConfig, layout: Layout, weights: str = "bf16", grads: str | None = None,
+                      tokens_per_device: int = 0, kv_tokens: int = 0, kv_dtype: str = "bf16") -> dict[str, float]:
+    """Bytes on one device (see the module docstring): ``weights``, ``gradients``, ``optimizer`` (AdamW; none
+    if ``grads`` is ``"none"``, for inference), ``activations`` for ``tokens_per_device`` tokens in flight, the
+    ``kv_cache`` of ``kv_tokens`` tokens, and ``total``. ``grads`` defaults to the weights' dtype (bf16 for fp8
+    weights)."""
+    for name, value in (("weights", weights), ("kv_dtype", kv_dtype)):
+        check(value in DTYPE_BYTES, "memory_per_device", name, value, f"allowed: {', '.join(DTYPE_BYTES)}")
+    grads = grads or ("bf16" if weights == "fp8" else weights)
+    check(grads in (*DTYPE_BYTES, "none"), "memory_per_device", "grads", grads,
+          f"allowed: {', '.join(DTYPE_BYTES)}, none")
+    counts = analytic_counts(config)
+    experts = counts["routed_experts"] / (layout.ep * layout.pp)
+    rest = (counts["total"] - counts["routed_experts"]) / (layout.tp * layout.pp)
+    params = experts + rest
+    optimizer = 0.0
+    if grads != "none":
+        per_param = ADAM_BYTES + (0 if weights == "fp32" else 4)
+        optimizer = per_param * (experts / (layout.dp // layout.ep) + rest / layout.dp if layout.zero1 else params)
+    layers = config.n_layer / layout.pp
+    kv_split = 1 if config.attention == "mla" else layout.tp
+    out = {"weights": params * DTYPE_BYTES[weights],
+           "gradients": 0.0 if grads == "none" else params * DTYPE_BYTES[grads],
+           "optimizer": optimizer,
+           "activations": ACTIVATION_BYTES * config.d_model * layers * tokens_per_device / layout.tp,
+           "kv_cache": kv_tokens * config.kv_cache_elements() * layers * DTYPE_BYTES[kv_dtype] / kv_split}
+    return {**out, "total": sum(out.values())}
+
+
+WIRES = ("fp32", "bf16", "fp8")
+
+
+def row_bytes(d_model: int, wire: str) -> int:
+    """Bytes of one hidden-state row on the wire: 4 or 2 a value, or for fp8 1 a value plus an fp32 scale per
+    128 (moelab.quant.pack's layout)."""
+    check(wire in WIRES, "row_bytes", "wire", wire, f"allowed: {', '.join(WIRES)}")
+    return d_model + 4 * -(-d_model // 128) if wire == "fp8" else DTYPE_BYTES[wire] * d_model
+
+
+def moe_traffic(config: ModelConfig, dispatch: str = "fp8", combine: str = "bf16",
+                node_limit: int | None = None) -> dict[str, int]:
+    """Bytes per token per MoE layer: ``dispatch`` (``top_k`` rows out) and ``combine`` (``top_k`` rows back),
+    counting copies that stay on their rank too (the payload the expert-parallel layer moves), and the most that
+    can cross between nodes when a token reaches at most ``node_limit`` nodes and each node once:
+    ``min(top_k, node_limit)`` copies each way (``top_k`` without a limit)."""
+    k, d = config.top_k, config.d_model
+    crossing = k if node_limit is None else min(k, check_int("moe_traffic", "node_limit", node_limit))
+    return {"dispatch": k * row_bytes(d, dispatch), "combine": k * row_bytes(d, combine),
+            "inter_node_max": crossing * (row_bytes(d, dispatch) + row_bytes(d, combine))}
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """Nodes of ``gpus_per_node`` devices of ``flops`` (dense BF16 FLOP/s) reaching ``mfu`` of it; each device's
+    ``nvlink`` inside its node and its share of the ``network`` between nodes."""
+
+    name: str
+    gpus_per_node: int
+    flops: float
+    mfu: float
+    nvlink: Link
+    network: Link
+
+
+def moe_step_time(config: ModelConfig, cluster: Cluster, nodes: int, tokens_per_device: int, dispatch: str = "fp8",
+                  combine: str = "bf16", node_limit: int | None = None) -> dict[str, float]:
+    """Seconds of one training step (see the module docstring): ``compute``, ``network`` and ``nvlink`` (the
+    all-to-all bytes of every MoE layer, forward and backward, over each), ``communication`` (per layer the
+    slower of the two, summed), ``no_overlap`` and ``perfect_overlap``."""
+    counts = analytic_counts(config)
+    compute = 6 * (counts["active"] - counts["embedding"]) * tokens_per_device / (cluster.flops * cluster.mfu)
+    traffic = moe_traffic(config, dispatch, combine)
+    row_pair = traffic["dispatch"] / config.top_k + traffic["combine"] / config.top_k   # one copy out and back
+    k, G = config.top_k, cluster.gpus_per_node
+    crossing = (min(k, node_limit) if node_limit else k) * (nodes - 1) / nodes
+    inside = k * (G - 1) / G                     # copies that reach another device of the node, directly or forwarded
+    layers = config.n_layer - config.first_k_dense if config.n_routed_experts else 0
+    per_layer = {"network": crossing * row_pair * tokens_per_device / cluster.network.beta + cluster.network.alpha,
+                 "nvlink": inside * row_pair * tokens_per_device / cluster.nvlink.beta + cluster.nvlink.alpha}
+    network, nvlink = (2 * layers * per_layer[link] for link in ("network", "nvlink"))   # forward and backward
+    communication = 2 * layers * max(per_layer.values())
+    return {"compute": compute, "network": network, "nvlink": nvlink, "communication": communication,
+            "no_overlap": compute + communication, "perfect_overlap": max(compute, communication)}
