@@ -147,6 +147,15 @@ def slow_link_block(r: dict) -> str:
     return "\n".join(lines)
 
 
+def sizing_block(r: dict) -> str:
+    lines = ["| preset | parameters | active | build + count on the meta device | peak RSS (after imports) |",
+             "|---|---|---|---|---|"]
+    for row in r["rows"]:
+        lines.append(f"| {row['preset']} | {row['total']:,d} | {row['active']:,d} | {row['seconds']:.2f} s | "
+                     f"{row['peak_rss_mb']:.0f} MB ({row['rss_after_imports_mb']:.0f} MB) |")
+    return "\n".join(lines + ["", _targets(r)])
+
+
 def _targets(r: dict) -> str:
     return "Targets: " + "; ".join(f"{t['name']} {t['op']} {t['target']}: {t['value']} "
                                    f"({'met' if t['met'] else 'missed'})" for t in r["targets"]) + "."
@@ -154,7 +163,7 @@ def _targets(r: dict) -> str:
 
 BLOCKS = {"notebooks": notebooks_block, "moe_dispatch": moe_dispatch_block, "train_throughput": train_throughput_block,
           "expert_parallel": expert_parallel_block, "collectives": collectives_block, "quant": quant_block,
-          "slow_link": slow_link_block}
+          "slow_link": slow_link_block, "sizing": sizing_block}
 
 
 def main() -> None:

@@ -1,6 +1,7 @@
 """Real model presets: the analytic count from the config equals the count of moelab's model built on the meta
 device, and both reproduce the published totals within 1% under each publisher's convention."""
 import pytest
+import torch
 
 from moelab.presets import PRESETS, PUBLISHED, analytic_counts, meta_counts, meta_model
 
@@ -34,3 +35,21 @@ def test_kimi_k2_is_1_026_t_by_its_config():
     counts = analytic_counts(PRESETS["Kimi K2"]())
     assert counts["total"] == pytest.approx(1.0264e12, rel=1e-4)           # "1T" in the README
     assert counts["active"] == pytest.approx(32.86e9, rel=1e-3)            # "32B activated"
+
+
+def test_building_on_the_meta_device_leaves_torch_init_as_it_was():
+    normal, uniform = torch.nn.init.normal_, torch.nn.init.uniform_
+    meta_model(PRESETS["Mixtral-8x7B"]())
+    assert (torch.nn.init.normal_, torch.nn.init.uniform_) == (normal, uniform)
+    x = torch.zeros(1000)
+    torch.nn.init.normal_(x)
+    assert x.std() > 0.5                                    # real initialisation works again
+
+
+def test_the_course_presets_are_the_models_the_notebooks_train():
+    from moelab.data import load_corpus
+    from moelab.experiments.expert_parallel import lm_config
+    from moelab.experiments.moe_vs_dense import matched_configs
+    vocab = load_corpus().tokenizer.vocab_size
+    assert PRESETS["course fine MoE"]() == matched_configs(vocab)["fine"]
+    assert PRESETS["course LM"]() == lm_config(vocab)

@@ -84,6 +84,15 @@ def test_slow_link_table_quotes_benchmarks_results():
         assert f"{t['name']} {t['op']} {t['target']}: {t['value']}" in section, t["name"]
 
 
+def test_sizing_table_quotes_benchmarks_results():
+    results = json.loads((ROOT / "benchmarks" / "results" / "sizing.json").read_text(encoding="utf-8"))
+    section = README[README.index("## Sizing real models (measured)"):README.index("## Other commands")]
+    for row in results["rows"]:
+        assert f"| {row['preset']} | {row['total']:,d} | {row['active']:,d} |" in section
+    for t in results["targets"]:
+        assert f"{t['name']} {t['op']} {t['target']}: {t['value']}" in section, t["name"]
+
+
 def test_generated_blocks_equal_what_the_report_script_renders_from_the_results():
     spec = importlib.util.spec_from_file_location("report", ROOT / "benchmarks" / "report.py")
     report = importlib.util.module_from_spec(spec)

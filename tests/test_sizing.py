@@ -29,6 +29,9 @@ def test_memory_per_device_equals_a_hand_computation():
     fp32 = memory_per_device(SMALL, Layout(), weights="fp32")
     assert fp32["optimizer"] == 8 * (routed + rest) and fp32["weights"] == 4 * (routed + rest)
     assert memory_per_device(SMALL, Layout(), weights="fp8", grads="none")["optimizer"] == 0
+    deepseek_recipe = memory_per_device(SMALL, layout, weights="bf16", grads="fp32", moments="bf16")
+    assert deepseek_recipe["gradients"] == 4 * (experts + others)
+    assert deepseek_recipe["optimizer"] == (2 * 2 + 4) * (experts / 2 + others / 4)
 
 
 @pytest.mark.parametrize("call, message", [

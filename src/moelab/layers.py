@@ -29,11 +29,14 @@ class RMSNorm(nn.Module):
 def rope_cache(head_dim: int, max_len: int, theta: float = 10_000.0) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of the rotation angles ``m·θ_i``, ``θ_i = theta^(-2i/head_dim)``: each ``(max_len, head_dim/2)``.
 
-    Source: Su et al. 2021, RoFormer (arXiv:2104.09864) eq. 15.
+    Source: Su et al. 2021, RoFormer (arXiv:2104.09864) eq. 15. Computed on the CPU in float64, then placed on
+    the default device (on the meta device, only the shapes remain).
     """
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
-    return angles.cos().float(), angles.sin().float()
+    cpu = torch.device("cpu")
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=cpu) / head_dim)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float64, device=cpu), inv_freq)
+    device = torch.get_default_device()
+    return angles.cos().float().to(device), angles.sin().float().to(device)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

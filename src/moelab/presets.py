@@ -16,7 +16,11 @@ embedding (a table lookup, no arithmetic: 36.63 B; with it, 37.55 B) — though 
 """
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
+import torch.nn as nn
 
 from .config import ModelConfig
 from .model import Transformer, parameter_counts
@@ -78,8 +82,24 @@ def mixtral_8x7b() -> ModelConfig:
                        d_ff=14336, rope_theta=1e6, n_routed_experts=8, top_k=2, d_expert=14336)
 
 
+COURSE_VOCAB = 120                   # characters in the course corpus (moelab.data.load_corpus)
+
+
+def course_fine_moe() -> ModelConfig:
+    """The course's fine-grained MoE of notebook 04 (31 routed experts of width 32 + 1 shared, top-7)."""
+    from .experiments.moe_vs_dense import matched_configs          # the experiment's own definition
+    return matched_configs(COURSE_VOCAB)["fine"]
+
+
+def course_lm() -> ModelConfig:
+    """The course's expert-parallel language model of notebooks 05 and 08 (8 experts, top-2, one shared)."""
+    from .experiments.expert_parallel import lm_config
+    return lm_config(COURSE_VOCAB)
+
+
 PRESETS = {"DeepSeek-V3": deepseek_v3, "Kimi K2": kimi_k2, "DeepSeek-V2-Lite": deepseek_v2_lite,
-           "Qwen3-235B-A22B": qwen3_235b_a22b, "Qwen3-30B-A3B": qwen3_30b_a3b, "Mixtral-8x7B": mixtral_8x7b}
+           "Qwen3-235B-A22B": qwen3_235b_a22b, "Qwen3-30B-A3B": qwen3_30b_a3b, "Mixtral-8x7B": mixtral_8x7b,
+           "course fine MoE": course_fine_moe, "course LM": course_lm}
 
 # What each publisher states (total, active), and whether its "active" includes the input embedding.
 PUBLISHED = {"DeepSeek-V3": (671e9, 36.7e9, False),        # README_WEIGHTS (MTP excluded); "37B" rounds it
@@ -111,10 +131,28 @@ def analytic_counts(c: ModelConfig) -> dict[str, int]:
     return {**parts, "total": total, "active": total - moe_layers * (c.n_routed_experts - c.top_k) * expert}
 
 
+INIT_FUNCTIONS = ("normal_", "uniform_", "kaiming_uniform_")       # what moelab's modules initialise with
+
+
+@contextlib.contextmanager
+def _skipping_init() -> Iterator[None]:
+    """Make ``torch.nn.init``'s functions return their tensor untouched (as transformers' ``no_init_weights``):
+    a meta tensor has no values to draw, and torch's meta kernels for random numbers would import its compiler
+    stack (about 80 MB, sympy included) just to skip the work."""
+    saved = {name: getattr(nn.init, name) for name in INIT_FUNCTIONS}
+    for name in INIT_FUNCTIONS:
+        setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(nn.init, name, function)
+
+
 def meta_model(config: ModelConfig) -> Transformer:
     """``config`` built by moelab's own :class:`~moelab.model.Transformer` on the meta device: every parameter
-    with its full shape and no storage."""
-    with torch.device("meta"):
+    with its full shape and no storage (and no initialisation)."""
+    with torch.device("meta"), _skipping_init():
         return Transformer(config)
 
 

@@ -6,8 +6,8 @@ experts are also sharded ``ep`` ways across data-parallel replicas (expert paral
 and not split by ``tp`` (as DeepSeek-V3 runs its experts); ZeRO-1 (Rajbhandari et al. 2020) shards the optimizer
 states over the replicas that hold the same parameters — ``dp`` of them for the rest of the model, ``dp / ep``
 for an expert. Per parameter: its weight in the weight dtype, its gradient in the gradient dtype, and AdamW's two
-moments in fp32, plus an fp32 master copy when the weights are not fp32 (mixed-precision training, Micikevicius
-et al. 2018) — 16 bytes a parameter for BF16 training. Activations for training follow Korthikanti et al. 2022
+moments (fp32 by default), plus an fp32 master copy when the weights are not fp32 (mixed-precision training,
+Micikevicius et al. 2018) — 16 bytes a parameter in all for BF16 training without ZeRO. Activations for training follow Korthikanti et al. 2022
 (Table 2, 16-bit, sequence parallelism, attention scores not stored): ``34 · d_model`` bytes per token per layer,
 divided by ``tp`` — a dense-transformer estimate that an MoE's wider FFN activations exceed. The KV cache for
 inference is :meth:`~moelab.config.ModelConfig.kv_cache_elements` per token and layer (split by ``tp`` for
@@ -35,7 +35,6 @@ from .network import Link
 from .presets import analytic_counts
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp8": 1}
-ADAM_BYTES = 8                       # AdamW's first and second moments, fp32
 ACTIVATION_BYTES = 34                # per token, layer and hidden unit (Korthikanti et al. 2022, Table 2)
 
 
@@ -61,12 +60,14 @@ class Layout:
 
 
 def memory_per_device(config: ModelConfig, layout: Layout, weights: str = "bf16", grads: str | None = None,
-                      tokens_per_device: int = 0, kv_tokens: int = 0, kv_dtype: str = "bf16") -> dict[str, float]:
-    """Bytes on one device (see the module docstring): ``weights``, ``gradients``, ``optimizer`` (AdamW; none
-    if ``grads`` is ``"none"``, for inference), ``activations`` for ``tokens_per_device`` tokens in flight, the
-    ``kv_cache`` of ``kv_tokens`` tokens, and ``total``. ``grads`` defaults to the weights' dtype (bf16 for fp8
-    weights)."""
-    for name, value in (("weights", weights), ("kv_dtype", kv_dtype)):
+                      tokens_per_device: int = 0, kv_tokens: int = 0, kv_dtype: str = "bf16",
+                      moments: str = "fp32") -> dict[str, float]:
+    """Bytes on one device (see the module docstring): ``weights``, ``gradients``, ``optimizer`` (AdamW's two
+    ``moments`` and an fp32 master copy unless the weights are fp32; none if ``grads`` is ``"none"``, for
+    inference), ``activations`` for ``tokens_per_device`` tokens in flight, the ``kv_cache`` of ``kv_tokens``
+    tokens, and ``total``. ``grads`` defaults to the weights' dtype (bf16 for fp8 weights). DeepSeek-V3's recipe
+    is ``weights="bf16", grads="fp32", moments="bf16"`` (its report, §3.3)."""
+    for name, value in (("weights", weights), ("kv_dtype", kv_dtype), ("moments", moments)):
         check(value in DTYPE_BYTES, "memory_per_device", name, value, f"allowed: {', '.join(DTYPE_BYTES)}")
     grads = grads or ("bf16" if weights == "fp8" else weights)
     check(grads in (*DTYPE_BYTES, "none"), "memory_per_device", "grads", grads,
@@ -77,7 +78,7 @@ def memory_per_device(config: ModelConfig, layout: Layout, weights: str = "bf16"
     params = experts + rest
     optimizer = 0.0
     if grads != "none":
-        per_param = ADAM_BYTES + (0 if weights == "fp32" else 4)
+        per_param = 2 * DTYPE_BYTES[moments] + (0 if weights == "fp32" else 4)
         optimizer = per_param * (experts / (layout.dp // layout.ep) + rest / layout.dp if layout.zero1 else params)
     layers = config.n_layer / layout.pp
     kv_split = 1 if config.attention == "mla" else layout.tp
