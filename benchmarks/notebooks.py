@@ -35,7 +35,9 @@ NB_ENV = {"TQDM_DISABLE": "1", "MOELAB_THREADS": "2", "PYTHONHASHSEED": "0"}  # 
 def time_notebook(path: Path) -> dict:
     """Execute a copy of the notebook in its folder; wall time including kernel start, and the slowest cell."""
     nb = nbformat.read(path, as_version=4)
-    client = NotebookClient(nb, timeout=600, kernel_name="moelab", record_timing=True,
+    # shutdown "immediate": a graceful kernel shutdown here sometimes never returned (twice in a dozen runs, after
+    # the notebook had finished), so the kernel is stopped outright once the last cell is done
+    client = NotebookClient(nb, timeout=600, kernel_name="moelab", record_timing=True, shutdown_kernel="immediate",
                             resources={"metadata": {"path": str(path.parent)}})
     start = time.perf_counter()
     client.execute()

@@ -2,14 +2,15 @@
 
 **Memory** (:func:`memory_per_device`). A layout splits ``devices = dp · tp · pp`` ways (:class:`Layout`):
 ``tp``-way tensor parallelism inside each layer and ``pp`` pipeline stages split every parameter; the routed
-experts are also sharded ``ep`` ways across data-parallel replicas (expert parallelism, ``ep`` dividing ``dp``),
-and not split by ``tp`` (as DeepSeek-V3 runs its experts); ZeRO-1 (Rajbhandari et al. 2020) shards the optimizer
+experts are instead sharded ``ep`` ways across data-parallel replicas (expert parallelism, ``ep`` dividing ``dp``)
+and not split by ``tp`` — each of the ``tp`` ranks holds its experts whole (DeepSeek-V3 uses no ``tp``); ZeRO-1 (Rajbhandari et al. 2020) shards the optimizer
 states over the replicas that hold the same parameters — ``dp`` of them for the rest of the model, ``dp / ep``
 for an expert. Per parameter: its weight in the weight dtype, its gradient in the gradient dtype, and AdamW's two
 moments (fp32 by default), plus an fp32 master copy when the weights are not fp32 (mixed-precision training,
-Micikevicius et al. 2018) — 16 bytes a parameter in all for BF16 training without ZeRO. Activations for training follow Korthikanti et al. 2022
-(Table 2, 16-bit, sequence parallelism, attention scores not stored): ``34 · d_model`` bytes per token per layer,
-divided by ``tp`` — a dense-transformer estimate that an MoE's wider FFN activations exceed. The KV cache for
+Micikevicius et al. 2018) — 16 bytes a parameter in all for BF16 training without ZeRO. Activations for
+training follow Korthikanti et al. 2022 (Table 2, 16-bit, sequence parallelism, selective recomputation):
+``34 · d_model`` bytes per token per layer, divided by ``tp`` — a dense-transformer estimate that an MoE's wider
+FFN activations exceed. All figures are averages over pipeline stages. The KV cache for
 inference is :meth:`~moelab.config.ModelConfig.kv_cache_elements` per token and layer (split by ``tp`` for
 grouped-query heads; MLA's latent is one per token and is not).
 
@@ -20,8 +21,8 @@ out (dispatch) and back (combine) — in a wire format (fp32, bf16, or fp8 with 
 
 **Step time** (:func:`moe_step_time`): a training step of a :class:`Cluster` from stated assumptions — compute
 ``6 · N_active · tokens`` at the devices' FLOP/s times an MFU, and the expert-parallel all-to-alls of every MoE
-layer, forward and backward, with experts spread evenly over all devices and routing uniform: of a token's
-copies, ``(nodes − 1)/nodes`` cross the network (at most ``node_limit`` per token, each node once) and
+layer, forward and backward, with the experts spread evenly over the ``nodes`` of the expert-parallel group and
+routing uniform: of a token's copies, ``(nodes − 1)/nodes`` cross the network (at most ``node_limit`` per token, each node once) and
 ``(G − 1)/G`` of the rest move over NVLink inside the node; NVLink and the network work at the same time, so a
 layer's exchange takes the slower of the two. Reported without overlap (compute + communication) and with
 perfect overlap (the larger of the two), the bounds between which a real schedule such as DualPipe falls.
