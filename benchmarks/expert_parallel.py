@@ -25,6 +25,7 @@ import statistics
 from moelab.bench import target, write_result
 from moelab.dist import launch
 from moelab.experiments.expert_parallel import layer_config, layer_rank
+from moelab.sizing import moe_traffic
 
 TOKENS, STEPS, WARMUP = 2048, 20, 3
 WORLDS = (1, 2, 4)
@@ -50,7 +51,8 @@ def measure(world: int, skew: float = 0.0) -> dict:
     rows = [ev["expert"]["rows"] for ev in first]
     return {"ranks": world, "skew": skew, "tokens_per_rank": TOKENS, "step_ms": round(1e3 * step_s, 2),
             "payload_bytes_per_token": payload, "off_rank_bytes_per_token": off_rank,
-            "analytic_bytes_per_token": 2 * config.top_k * config.d_model * 4,
+            "analytic_bytes_per_token": sum(moe_traffic(config, dispatch="fp32", combine="fp32")[way]
+                                            for way in ("dispatch", "combine")),
             "comm_share": round(statistics.mean(per_rank), 3), "comm_share_per_rank": [round(c, 3) for c in per_rank],
             "expert_rows": rows,
             "rows_max_over_mean": round(max(rows) / statistics.mean(rows), 3), "phase_ms": phases}
