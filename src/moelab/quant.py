@@ -156,10 +156,15 @@ def round_trip_error(x: torch.Tensor, fmt: str, block, keep: torch.Tensor | None
     return float((diff[:, keep].pow(2).mean() / x[:, keep].pow(2).mean()).sqrt())
 
 
+def packed_bytes(d: int, block: int = 128) -> int:
+    """Bytes of a row of ``d`` 8-bit values with an fp32 scale per 1×``block`` tile, as :func:`pack` lays it out."""
+    return d + 4 * math.ceil(d / block)
+
+
 def wire_ratio(d: int, block: int, fmt: str = "fp8_e4m3") -> float:
     """Bytes of a row of ``d`` values in ``fmt`` with a fp32 scale per 1×``block`` tile, over its fp32 bytes."""
     _check(fmt, block)
-    return (d + 4 * math.ceil(d / block)) / (4 * d)
+    return packed_bytes(d, block) / (4 * d)
 
 
 def fp8_block_gemm(a_q: torch.Tensor, a_scales: torch.Tensor, b_q: torch.Tensor, b_scales: torch.Tensor,

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from . import quant
 from .config import ModelConfig, check, check_int
 from .network import Link
 from .presets import analytic_counts
@@ -96,9 +97,9 @@ WIRES = ("fp32", "bf16", "fp8")
 
 def row_bytes(d_model: int, wire: str) -> int:
     """Bytes of one hidden-state row on the wire: 4 or 2 a value, or for fp8 1 a value plus an fp32 scale per
-    128 (moelab.quant.pack's layout)."""
+    128 (:func:`moelab.quant.packed_bytes`)."""
     check(wire in WIRES, "row_bytes", "wire", wire, f"allowed: {', '.join(WIRES)}")
-    return d_model + 4 * -(-d_model // 128) if wire == "fp8" else DTYPE_BYTES[wire] * d_model
+    return quant.packed_bytes(d_model) if wire == "fp8" else DTYPE_BYTES[wire] * d_model
 
 
 def moe_traffic(config: ModelConfig, dispatch: str = "fp8", combine: str = "bf16",

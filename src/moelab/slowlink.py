@@ -51,11 +51,8 @@ def _fp32(packed: torch.Tensor, n: int) -> torch.Tensor:
     return quant.dequantize(q, scales, BLOCK).view(-1)
 
 
-def _packed_size(n: int) -> int:
-    return n + 4 * -(-n // BLOCK)
-
-
-INT8 = Codec(encode=_int8, decode=_fp32, empty=lambda n: torch.empty(1, _packed_size(n), dtype=torch.uint8))
+INT8 = Codec(encode=_int8, decode=_fp32,
+             empty=lambda n: torch.empty(1, quant.packed_bytes(n, BLOCK), dtype=torch.uint8))
 
 
 def int8_all_reduce(x: torch.Tensor, net: Network | None = None, timeline: Timeline | None = None) -> torch.Tensor:
@@ -128,7 +125,7 @@ def ring_bytes(n: int, p: int, rank: int, message_bytes=lambda k: 4 * k) -> int:
 
 def int8_message_bytes(k: int) -> int:
     """Bytes of a chunk of ``k`` values on the INT8 wire: ``k`` INT8 values and an fp32 scale per 128."""
-    return _packed_size(k)
+    return quant.packed_bytes(k, BLOCK)
 
 
 def powersgd_sizes(shapes: list[torch.Size], rank: int, min_compression_rate: float = 2.0) -> tuple[int, int, int]:
