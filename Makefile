@@ -1,9 +1,11 @@
 # MoE Lab. The two commands are `make lab` and `make test`; every target creates .venv when it is missing.
 #   make lab      install, then open JupyterLab on notebooks/ (127.0.0.1, token kept; LAB_PORT=8888)
 #   make test     install, then the unit tests and strict nbval over every notebook
-#   make execute  re-run every notebook in place exactly as the tests run it (refreshes the stored outputs)
+#   make execute  re-run every notebook (exercises and solutions too) in place exactly as the tests run it
 #   make bench    run every script in benchmarks/ (results in benchmarks/results/*.json), then update README
 #   make lock     re-resolve the pins of pyproject.toml in a scratch venv and rewrite constraints.txt
+#   make ui-test  browser test of notebook 02's capacity widget: JupyterLab + Galata/Playwright on Debian's chromium
+#                 (needs node/npm and /usr/bin/chromium; screenshot in ui-tests/results/; see ui-tests/README.md)
 
 PYTHON ?= python3
 VENV   := .venv
@@ -15,7 +17,7 @@ NBVAL  := --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize
 ROOT   := $(if $(filter 0,$(shell id -u 2>/dev/null)),--allow-root,)
 LAB_PORT ?= 8888
 
-.PHONY: lab test execute bench lock
+.PHONY: lab test execute bench lock ui-test
 
 $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -34,7 +36,8 @@ test: $(STAMP)
 
 execute: $(STAMP)
 	$(NB_ENV) $(BIN)/jupyter nbconvert --to notebook --execute --inplace \
-	  --ExecutePreprocessor.timeout=600 --ExecutePreprocessor.record_timing=False notebooks/*.ipynb
+	  --ExecutePreprocessor.timeout=600 --ExecutePreprocessor.record_timing=False \
+	  notebooks/*.ipynb notebooks/exercises/*.ipynb notebooks/solutions/*.ipynb
 
 bench: $(STAMP)
 	@for script in $(filter-out benchmarks/report.py,$(wildcard benchmarks/*.py)); do \
@@ -46,3 +49,17 @@ lock:
 	.venv-lock/bin/python -m pip install --quiet --disable-pip-version-check -e '.[lab,test]'
 	{ sed -n '1,4p' constraints.txt; .venv-lock/bin/pip freeze --exclude-editable | sed -E 's/^torch==([0-9.]+)\+.*/torch==\1/'; } \
 	  > constraints.new && mv constraints.new constraints.txt && rm -rf .venv-lock
+
+CHROMIUM   ?= /usr/bin/chromium
+UI_TIMEOUT ?= 600
+UI_NPM     := ui-tests/node_modules/.npm-ci-done
+
+$(UI_NPM): ui-tests/package.json ui-tests/package-lock.json
+	cd ui-tests && npm ci --no-audit --no-fund
+	@touch $@
+
+ui-test: $(STAMP)
+	@command -v npm >/dev/null || { echo "make ui-test needs Node.js (>= 18) and npm: e.g. 'apt-get install -y nodejs npm'"; exit 1; }
+	@test -x $(CHROMIUM) || { echo "make ui-test needs Chromium at $(CHROMIUM): 'apt-get install -y chromium' (or CHROMIUM=/path/to/chromium); no Playwright browser download is used"; exit 1; }
+	@$(MAKE) --no-print-directory $(UI_NPM)
+	cd ui-tests && CHROMIUM=$(CHROMIUM) VENV_BIN=$(CURDIR)/$(BIN) timeout $(UI_TIMEOUT) ./node_modules/.bin/playwright test

@@ -6,7 +6,8 @@
 Each notebook is executed as `make execute` runs it (same kernel, progress bars off, 2 threads), on a copy,
 so the stored outputs are untouched. The fresh clone is `git clone` of this repository's HEAD into a temporary
 folder followed by `make test` there with pip's cache disabled, so the install is part of the time.
-Targets (issue #2): every notebook <= 120 s; `make test` on a fresh clone <= 600 s including install.
+Targets: every notebook <= 120 s (issue #2); `make test` on a fresh clone <= 900 s including install (600 s until
+issue #10 added 23 notebooks); `make ui-test` there <= 300 s including `npm ci`.
 Writes benchmarks/results/notebooks.json and prints a table.
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -28,7 +30,8 @@ from moelab.bench import target, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_BUDGET_S = 120
-FRESH_CLONE_BUDGET_S = 600
+FRESH_CLONE_BUDGET_S = 900        # 600 until issue #10 added the capstone and 22 exercise notebooks
+UI_TEST_BUDGET_S = 300
 NB_ENV = {"TQDM_DISABLE": "1", "MOELAB_THREADS": "2", "PYTHONHASHSEED": "0"}  # as in the Makefile
 
 
@@ -53,8 +56,9 @@ def time_notebook(path: Path) -> dict:
             "slowest_cell_s": round(max(cell_seconds, default=0.0), 1)}
 
 
-def time_fresh_clone() -> dict:
-    """`git clone` HEAD and run `make test` there with pip's cache off; wall time of the whole command."""
+def time_fresh_clone() -> list[dict]:
+    """`git clone` HEAD and run `make test` there with pip's cache off; wall time of the whole command. Then, where
+    Chromium and npm are installed, `make ui-test` in the same clone (`npm ci` included), as `.ci/run` does."""
     dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
     if dirty.strip():
         print("note: the working tree has uncommitted changes; the fresh clone measures HEAD without them")
@@ -62,13 +66,20 @@ def time_fresh_clone() -> dict:
         subprocess.run(["git", "clone", "--quiet", str(ROOT), tmp], check=True)
         env = {k: v for k, v in os.environ.items() if k not in NB_ENV and not k.startswith("VIRTUAL_ENV")}
         env["PIP_NO_CACHE_DIR"] = "1"
-        start = time.perf_counter()
-        result = subprocess.run(["make", "test"], cwd=tmp, env=env, capture_output=True, text=True)
-        seconds = time.perf_counter() - start
+        rows = [run_make("test", tmp, env, "make test (fresh clone, pip cache off)")]
+        if Path("/usr/bin/chromium").exists() and shutil.which("npm"):
+            rows.append(run_make("ui-test", tmp, env, "make ui-test (same clone, npm ci included)"))
+    return rows
+
+
+def run_make(target: str, cwd: str, env: dict, case: str) -> dict:
+    start = time.perf_counter()
+    result = subprocess.run(["make", target], cwd=cwd, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
     if result.returncode != 0:
-        sys.exit(f"make test failed in the fresh clone:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+        sys.exit(f"make {target} failed in the fresh clone:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     summary = [line for line in result.stdout.splitlines() if " passed" in line][-1].strip("= ")
-    return {"case": "make test (fresh clone, pip cache off)", "seconds": round(seconds, 1), "pytest": summary}
+    return {"case": case, "seconds": round(seconds, 1), "pytest": summary}
 
 
 def main() -> None:
@@ -81,9 +92,13 @@ def main() -> None:
     targets = [target(f"{r['case']} executes in <= {NOTEBOOK_BUDGET_S} s", r["seconds"], "<=", NOTEBOOK_BUDGET_S)
                for r in rows]
     if not args.notebooks_only:
-        rows.append(time_fresh_clone())
+        clone = time_fresh_clone()
+        rows += clone
         targets.append(target(f"make test on a fresh clone, install included, <= {FRESH_CLONE_BUDGET_S} s",
-                              rows[-1]["seconds"], "<=", FRESH_CLONE_BUDGET_S))
+                              clone[0]["seconds"], "<=", FRESH_CLONE_BUDGET_S))
+        if len(clone) > 1:
+            targets.append(target(f"make ui-test on a fresh clone, npm ci included, <= {UI_TEST_BUDGET_S} s",
+                                  clone[1]["seconds"], "<=", UI_TEST_BUDGET_S))
     print(f"{'case':42s} {'seconds':>8s}  details")
     for row in rows:
         details = {k: v for k, v in row.items() if k not in ("case", "seconds")}

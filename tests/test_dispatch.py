@@ -66,6 +66,7 @@ def test_this_torch_has_grouped_mm_on_cpu():
 def test_capacity_follows_the_formula():
     assert expert_capacity(4096, 2, 8, 1.25) == 1280 and expert_capacity(5, 2, 4, 0.8) == 2
     assert expert_capacity(10, 1, 3, 1.0) == 4  # ceil(10/3)
+    assert expert_capacity(2048, 2, 8, 1.25 + 0.25 + 2e-16) == 768   # a slider's 1.5000000000000002, not 769
 
 
 def test_capacity_drops_first_choices_last_and_counts_match_a_hand_computation():

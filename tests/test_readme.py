@@ -4,6 +4,7 @@ import json
 import re
 from pathlib import Path
 
+from moelab.experiments.capstone import SETUPS
 from moelab.experiments.slow_link import METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,3 +101,26 @@ def test_generated_blocks_equal_what_the_report_script_renders_from_the_results(
     for name, render in report.BLOCKS.items():
         block = f"<!-- results:{name} -->\n{render(report.load(name))}\n<!-- /results:{name} -->"
         assert block in README, f"README's {name} block is stale: run python benchmarks/report.py"
+    teaching = (ROOT / "docs" / "teaching.md").read_text(encoding="utf-8")
+    block = f"<!-- results:teaching -->\n{report.teaching_block(report.load('notebooks'))}\n<!-- /results:teaching -->"
+    assert block in teaching, "docs/teaching.md's run times are stale: run python benchmarks/report.py"
+
+
+def test_capstone_table_quotes_benchmarks_results():
+    results = json.loads((ROOT / "benchmarks" / "results" / "capstone.json").read_text(encoding="utf-8"))
+    section = README[README.index("## Capstone: everything at once"):README.index("## Sizing real models")]
+    assert [row["setup"] for row in results["rows"]] == list(SETUPS)
+    for row in results["rows"]:
+        assert row["analytic_by_class"] == {"slow": row["slow_bytes"], "fast": row["fast_bytes"]}, row["setup"]
+        assert f"| {row['val_loss']:.4f} | {row['val_vs_naive']:+.1%} | {row['slow_bytes'] / 1e6:,.1f} (=) |" in section
+    for t in results["targets"]:
+        assert f"{t['name']} {t['op']} {t['target']}: {t['value']}" in section, t["name"]
+
+
+def test_the_teaching_guide_plans_with_every_notebook():
+    teaching = (ROOT / "docs" / "teaching.md").read_text(encoding="utf-8")
+    for row in (r for r in RESULTS["rows"] if r["case"][:2].isdigit()):
+        assert f"| {row['case']} | {row['seconds']:.0f} s |" in teaching, row["case"]
+    for heading in ("## Before the session", "## A half-day session", "## A full-day session",
+                    "## Which cells to run live", "## Common problems", "## Binder and Colab"):
+        assert heading in teaching

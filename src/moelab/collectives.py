@@ -151,9 +151,11 @@ def ring_all_gather(x: torch.Tensor, net: Network | None = None, timeline: Timel
     return out
 
 
-def ring_all_reduce(x: torch.Tensor, net: Network | None = None, timeline: Timeline | None = None) -> torch.Tensor:
-    """Sum of ``x`` over the ranks: ring reduce-scatter, then ring all-gather of the summed chunks."""
-    ranks = list(range(dist.get_world_size()))
+def ring_all_reduce(x: torch.Tensor, net: Network | None = None, timeline: Timeline | None = None,
+                    ranks: list[int] | None = None) -> torch.Tensor:
+    """Sum of ``x`` over the ranks (or over ``ranks``, in ring order, called by those alone): ring reduce-scatter,
+    then ring all-gather of the summed chunks."""
+    ranks = list(range(dist.get_world_size())) if ranks is None else ranks
     flat = x.detach().flatten().clone()
     ring_all_gather_in_place(ring_reduce_scatter_in_place(flat, ranks, net, timeline), ranks, net, timeline)
     return flat.view_as(x)

@@ -111,8 +111,11 @@ def grouped_dispatch(x: torch.Tensor, routing: Routing, experts: Experts) -> tup
 
 def expert_capacity(n_tokens: int, top_k: int, n_experts: int, capacity_factor: float) -> int:
     """``ceil(capacity_factor · tokens · k / E)``: how many assignments one expert accepts. Switch Transformer's
-    ``tokens / E · capacity_factor`` for top-1, generalised to top-k (GShard's top-2 capacity is ``2N / E``)."""
-    return math.ceil(capacity_factor * n_tokens * top_k / n_experts)
+    ``tokens / E · capacity_factor`` for top-1, generalised to top-k (GShard's top-2 capacity is ``2N / E``).
+
+    The product is rounded to 9 decimals before the ceiling: a factor that arrives as 1.5000000000000002 (a
+    browser slider's 1.25 + 0.25 in binary floating point, found by ui-tests/) must give the capacity of 1.5."""
+    return math.ceil(round(capacity_factor * n_tokens * top_k / n_experts, 9))
 
 
 def capacity_mask(indices: torch.Tensor, n_experts: int, capacity: int) -> torch.Tensor:

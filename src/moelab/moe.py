@@ -16,8 +16,10 @@ from .config import ModelConfig
 from .dispatch import DROPLESS, capacity_dispatch
 from .ep import WIRES, expert_parallel
 from .ffn import Experts, SwiGLU
+from .network import Network, Topology
 from .router import SigmoidRouter, SoftmaxRouter
 from .timeline import Timeline, phase
+from .twohop import two_hop_expert_parallel
 
 ROUTER_CLASSES = {"softmax": SoftmaxRouter, "sigmoid": SigmoidRouter}   # the names of config.ROUTERS
 
@@ -53,15 +55,19 @@ class MoE(nn.Module):
         self.kept = torch.ones(0, c.top_k, dtype=torch.bool)
         self.indices = torch.zeros(0, c.top_k, dtype=torch.long)
         self.expert_parallel, self.ep_group, self.wire = False, None, "fp32"
+        self.net: Network | None = None
+        self.two_hop: Topology | None = None
         self.timeline: Timeline | None = None
 
     @torch.no_grad()
-    def shard_experts(self, group: dist.ProcessGroup | None = None, wire: str = "fp32") -> None:
+    def shard_experts(self, group: dist.ProcessGroup | None = None, wire: str = "fp32", net: Network | None = None,
+                      two_hop: Topology | None = None) -> None:
         """Expert parallelism, in place: keep only this rank's ``n_routed_experts / world_size`` experts (rank ``r``
         holds experts ``r·E_local … (r+1)·E_local − 1``) and exchange tokens with the other ranks in forward
         (:func:`moelab.ep.expert_parallel`). The router and shared experts stay whole on every rank. ``wire``
         is what the exchanges send (:data:`moelab.ep.WIRES`): fp32 rows, or DeepSeek-V3's FP8 dispatch and BF16
-        combine."""
+        combine. With ``net`` the exchanges cross an emulated network; with ``two_hop``, a topology of nodes, they
+        go in two hops, one copy of a token per node (:func:`moelab.twohop.two_hop_expert_parallel`)."""
         if wire not in WIRES:
             raise ValueError(f"wire = {wire!r} is not allowed; allowed: {', '.join(WIRES)}")
         c, world, rank = self.config, dist.get_world_size(group), dist.get_rank(group)
@@ -76,6 +82,7 @@ class MoE(nn.Module):
         for name, p in local.named_parameters():
             p.copy_(getattr(self.experts, name)[rank * E_local:(rank + 1) * E_local])
         self.experts, self.expert_parallel, self.ep_group, self.wire = local, True, group, wire
+        self.net, self.two_hop = net, two_hop
 
     @property
     def dropped(self) -> float:
@@ -90,9 +97,13 @@ class MoE(nn.Module):
             return torch.zeros_like(x)
         with phase(self.timeline, "route"):
             routing = self.router(rows)
-        if self.expert_parallel:
+        if self.two_hop is not None:
+            y = two_hop_expert_parallel(rows, routing, self.experts, c.n_routed_experts, self.two_hop, self.net,
+                                        self.timeline, self.wire)
+            self.kept = torch.ones_like(routing.indices, dtype=torch.bool)
+        elif self.expert_parallel:
             y = expert_parallel(rows, routing, self.experts, c.n_routed_experts, self.ep_group, self.timeline,
-                                self.wire)
+                                self.wire, self.net)
             self.kept = torch.ones_like(routing.indices, dtype=torch.bool)
         elif c.dispatch == "capacity" and self.training:
             y, self.kept = capacity_dispatch(rows, routing, self.experts, c.capacity_factor)

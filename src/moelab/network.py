@@ -126,13 +126,17 @@ class Network:
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
-        """Stop a virtual network's clock for the block (for work that is not part of the run being timed)."""
+        """Leave the block out of the record (work that is not part of the run being timed, such as evaluation):
+        a virtual network's clock stops, and the bytes, messages and link time of any rounds in the block are
+        not counted."""
         if not self.virtual:
             raise ValueError("Network.paused: virtual = False is not allowed; allowed: a virtual network")
         start = time.perf_counter()
+        saved = dict(self.sent_bytes), dict(self.messages), self.clock, self.offset, self.link_seconds
         try:
             yield
         finally:
+            self.sent_bytes, self.messages, self.clock, self.offset, self.link_seconds = saved
             self.offset -= time.perf_counter() - start
 
     def link(self, a: int, b: int) -> Link:

@@ -58,9 +58,10 @@ def toy_rank(rank: int, world_size: int) -> dict:
             "sent": tokens[order, 0].int().tolist(), "received": rows[:, 0].int().tolist()}
 
 
-def equivalence_rank(rank: int, world_size: int, config: ModelConfig, tokens: int, skew: float = 0.0) -> dict:
+def equivalence_rank(rank: int, world_size: int, config: ModelConfig, tokens: int, skew: float = 0.0,
+                     shard: dict | None = None) -> dict:
     """The same MoE layer (same seed) in one process on all ranks' tokens, and expert-parallel on this rank's
-    ``tokens``: returns ``{name: (expert parallel, one process)}`` for the output, the input's gradient, the
+    ``tokens`` (sharded with :meth:`~moelab.moe.MoE.shard_experts` and the keyword arguments ``shard``): returns ``{name: (expert parallel, one process)}`` for the output, the input's gradient, the
     router's gradient (summed over ranks, as it is replicated) and this rank's experts' gradients, and
     ``received``, the rows this rank's experts got."""
     torch.manual_seed(0)
@@ -79,14 +80,14 @@ def equivalence_rank(rank: int, world_size: int, config: ModelConfig, tokens: in
            **{n: p.grad[mine].clone() for n, p in moe.experts.named_parameters()}}
     sharded = copy.deepcopy(moe)
     sharded.zero_grad()
-    sharded.shard_experts()
-    shard = slice(rank * tokens, (rank + 1) * tokens)
-    x = x_all[shard].clone().requires_grad_()
+    sharded.shard_experts(**(shard or {}))
+    rows = slice(rank * tokens, (rank + 1) * tokens)
+    x = x_all[rows].clone().requires_grad_()
     y = sharded(x)
-    (y * g_all[shard]).sum().backward()
+    (y * g_all[rows]).sum().backward()
     router_grad = sharded.router.weight.grad.clone()
     dist.all_reduce(router_grad)
-    return {"output": (y.detach(), y_ref.detach()[shard]), "x_grad": (x.grad, ref["x_grad"][shard]),
+    return {"output": (y.detach(), y_ref.detach()[rows]), "x_grad": (x.grad, ref["x_grad"][rows]),
             "router": (router_grad, ref["router"]),
             **{n: (p.grad, ref[n]) for n, p in sharded.experts.named_parameters()},
             "received": int(((moe.router(x_all).indices // E_local) == rank).sum())}

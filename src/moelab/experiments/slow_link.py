@@ -57,14 +57,15 @@ BUCKET_MB = 25                      # DDP's default bucket size, given explicitl
 
 
 @dataclass(frozen=True)
-class SlowLinkConfig:
-    """One comparison: ``steps`` optimizer steps for every method, ``batch_size`` sequences per rank per step,
-    the inner AdamW schedule of :class:`~moelab.train.TrainConfig` (``lr``, warmup over ``warmup_steps``),
-    ``H`` inner steps per outer step, DiLoCo's outer Nesterov SGD (``outer_lr``, ``outer_momentum``: OpenDiLoCo's
-    lr 0.7, but momentum 0.5, not its 0.9, which needs more than our 4–10 outer steps to settle: with 0.9
-    benchmarks/slow_link.py measures a worse final loss), PowerSGD's rank and the step it starts at (vanilla all-reduce before), the validation loss every
-    ``eval_every`` steps (a multiple of ``H``, so that the local methods have a global model to evaluate), and the
-    network: ``nodes`` × ``per_node`` ranks, ``intra`` links in a node, ``inter`` links between nodes."""
+class TwoTierRun:
+    """Training on an emulated two-tier network, as notebooks 08 and 10 run it: ``steps`` optimizer steps at
+    ``batch_size`` sequences per rank per step, the inner AdamW schedule of :class:`~moelab.train.TrainConfig`
+    (``lr``, warmup over ``warmup_steps``), ``H`` inner steps per outer step, DiLoCo's outer Nesterov SGD
+    (``outer_lr``, ``outer_momentum``: OpenDiLoCo's lr 0.7, but momentum 0.5, not its 0.9, which needs more than
+    our 4–10 outer steps to settle: with 0.9 benchmarks/slow_link.py measures a worse final loss), the validation
+    loss every ``eval_every`` steps (a multiple of ``H``, so that the local methods have a global model to
+    evaluate), and the network: ``nodes`` × ``per_node`` ranks, ``intra`` links in a node, ``inter`` links between
+    nodes."""
 
     steps: int = 100
     batch_size: int = 16
@@ -73,8 +74,6 @@ class SlowLinkConfig:
     H: int = 25
     outer_lr: float = 0.7
     outer_momentum: float = 0.5
-    powersgd_rank: int = 2
-    powersgd_start: int = 10
     eval_every: int = 25
     eval_batches: int = 8
     nodes: int = 2
@@ -85,12 +84,10 @@ class SlowLinkConfig:
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
-        for name in ("steps", "batch_size", "H", "powersgd_rank", "eval_every", "eval_batches", "nodes",
-                     "per_node"):
+        for name in ("steps", "batch_size", "H", "eval_every", "eval_batches", "nodes", "per_node"):
             check_int(owner, name, getattr(self, name))
         for name in ("warmup_steps", "seed"):
             check_int(owner, name, getattr(self, name), minimum=0)
-        check_int(owner, "powersgd_start", self.powersgd_start, minimum=2)    # torch's PowerSGD needs >= 2
         check_float(owner, "outer_lr", self.outer_lr, 0.0, 10.0, low_open=True)
         check_float(owner, "outer_momentum", self.outer_momentum, 0.0, 1.0, high_open=True)
         check(self.eval_every % self.H == 0, owner, "eval_every", self.eval_every, f"allowed: a multiple of H = {self.H}")
@@ -102,10 +99,28 @@ class SlowLinkConfig:
     def world_size(self) -> int:
         return self.nodes * self.per_node
 
+    @property
+    def topology(self) -> Topology:
+        return Topology(self.nodes, self.per_node)
+
     def train_config(self) -> train.TrainConfig:
         """The inner (or only) optimizer's settings."""
         return train.TrainConfig(max_steps=self.steps, batch_size=self.batch_size, lr=self.lr,
                                  warmup_steps=self.warmup_steps, eval_batches=self.eval_batches, seed=self.seed)
+
+
+@dataclass(frozen=True)
+class SlowLinkConfig(TwoTierRun):
+    """One comparison of notebook 08 (see :class:`TwoTierRun`), and PowerSGD's rank and the step it starts at
+    (vanilla all-reduce before)."""
+
+    powersgd_rank: int = 2
+    powersgd_start: int = 10
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int(type(self).__name__, "powersgd_rank", self.powersgd_rank)
+        check_int(type(self).__name__, "powersgd_start", self.powersgd_start, minimum=2)   # torch's needs >= 2
 
 
 def analytic_bytes(method: str, run: SlowLinkConfig, rank: int, n_params: int, log: BucketLog) -> int:
