@@ -36,7 +36,7 @@ def test_fp8_rows_without_scales_or_entirely_in_fp8_fail_with_their_hints():
                                       "expected 452.")
     assert "one fp32 scale" in repr(no_scales)
     all_fp8 = exercises.check_row_bytes(lambda d, wire: 16 * d if wire == "fp32" else 4 * (d + 4 * math.ceil(d / 128)))
-    assert "only the dispatch is FP8" in repr(all_fp8)
+    assert "only the forward dispatch is FP8" in repr(all_fp8)
 
 
 def test_ring_bytes_counting_every_rank_or_one_phase_fail_with_their_hints():

@@ -1,7 +1,8 @@
 """Two-hop expert parallelism: each token crosses the slow links once per node it needs, not once per expert.
 
-DeepSeek-V3 (§3.2.2) dispatches a token "to at most M nodes via IB, then forwarded via NVLink to the GPUs hosting
-its experts", and combines the same way back: the expensive inter-node bandwidth carries one copy of a token per
+DeepSeek-V3 (§3.2.2) limits each token "to be dispatched to at most 4 nodes", to which it is "first transmitted
+via IB to the GPUs with the same in-node index on its target nodes" and then "instantaneously forwarded via
+NVLink", and it combines the same way back: the expensive inter-node bandwidth carries one copy of a token per
 *node*, however many of that node's experts it chose. Node-limited routing (:func:`moelab.router.limit_to_groups`
 with one group per node) bounds those copies by ``M = topk_group``. Without the node-level deduplication the limit
 saves nothing on the slow links — each of a token's ``k`` choices would still travel on its own — so the two go
@@ -23,7 +24,7 @@ together.
 
 Every exchange is :func:`moelab.ep.all_to_all` (differentiable; the gradients take the same paths back), and with
 ``net`` goes over an emulated :class:`~moelab.network.Network`, bytes counted per link class. The result equals
-the single-process dispatch up to the order of the sums (tests/test_twohop.py). Built in
+the single-process dispatch up to the order of the sums (tests/test_capstone.py). Built in
 notebooks/10_capstone.ipynb.
 """
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Checks for the exercises of notebooks/10_capstone.ipynb: what crosses the slow link in the capstone's cluster.
 
 References: :func:`moelab.twohop.node_rows` (DeepSeek-V3 §3.2.2: a token is sent to each node it needs once),
-:func:`moelab.experiments.capstone.row_bytes` (FP8 dispatch with 1×128 scales, BF16 combine: §3.3.3) and
+:func:`moelab.experiments.capstone.row_bytes` (moelab's FP8 wire: the forward dispatch in FP8 with 1×128 scales,
+the other three trips in BF16; DeepSeek-V3 §3.3.3 has a second FP8 trip) and
 :func:`moelab.slowlink.ring_bytes` on a :class:`~moelab.network.Topology` (the ring of Patarasuk & Yuan 2009).
 """
 from __future__ import annotations
@@ -59,13 +60,14 @@ def _all_fp8(d: int, wire: str) -> int:
 
 def check_row_bytes(fn) -> Verdict:
     """Exercise 10.2: ``fn(d, wire) -> int``, the bytes one row of ``d`` values costs on its four trips (dispatch,
-    combine, and both gradients back), ``wire`` ``"fp32"`` or ``"fp8"`` (FP8 dispatch with an fp32 scale per
-    1×128 tile, BF16 for the other three)."""
+    combine, and both gradients back), ``wire`` ``"fp32"`` or ``"fp8"`` (moelab's FP8 wire: the forward dispatch
+    in FP8 with an fp32 scale per 1×128 tile, BF16 for the other three)."""
     g = seeded(1011)
     ds = [64, 7168, 128, 129, 1, 4096] + [int(x) for x in torch.randint(1, 10_000, (4,), generator=g)]
     cases = [case(d=d, wire=wire) for d in ds for wire in ("fp32", "fp8")]
     hints = [(_scales_left_out, "the FP8 dispatch also carries one fp32 scale (4 bytes) per 128 values, rounded up."),
-             (_all_fp8, "only the dispatch is FP8: the combine and both gradients travel in BF16, 2 bytes a value.")]
+             (_all_fp8, "on this wire only the forward dispatch is FP8: the combine and both backward trips travel "
+                        "in BF16, 2 bytes a value.")]
     return run_check("check_row_bytes", fn, row_bytes, cases, against="moelab.experiments.capstone.row_bytes",
                      hints=hints)
 

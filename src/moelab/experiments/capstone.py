@@ -9,7 +9,9 @@ one before, so that the bytes on each link class, the simulated time and the val
 - ``two_hop``: one copy of a token per node it needs (:func:`moelab.twohop.two_hop_expert_parallel`).
 - ``node_limited``: each token's experts on one node (``n_group = nodes``, ``topk_group = 1``: DeepSeek-V3's
   node-limited routing with M = 1), so at most one copy crosses the slow link.
-- ``fp8``: dispatch in FP8 E4M3 with 1×128 scales, combine and gradients in BF16 (DeepSeek-V3 §3.3.3).
+- ``fp8``: moelab's FP8 wire (:data:`moelab.ep.WIRES`): the forward dispatch in FP8 E4M3 with 1×128 scales, the
+  combine and both backward trips in BF16. DeepSeek-V3 (§3.3.3) also sends the activation gradient before the
+  down-projection in FP8; only its combines stay BF16.
 - ``diloco``: DiLoCo across the nodes (Douillard et al. 2023) for the replicated weights — all-reduced inside a
   node every step, over the fast links, and across the nodes only every ``H`` steps, by an outer Nesterov step on
   the pseudo-gradients (:func:`moelab.slowlink.outer_step` over a hierarchical all-reduce). The experts are not
@@ -42,7 +44,7 @@ SETUPS = {
     "naive": "plain EP + DDP: every choice its own fp32 row; all-reduce every step over all ranks",
     "two_hop": "+ two-hop dispatch: one copy of a token per node",
     "node_limited": "+ node-limited routing: every token's experts on one node",
-    "fp8": "+ FP8 dispatch, BF16 combine and gradients",
+    "fp8": "+ FP8 dispatch; combine and backward rows in BF16",
     "diloco": "+ DiLoCo across the nodes: all-reduce inside a node, across every H steps",
 }
 RUNGS = list(SETUPS)
@@ -133,7 +135,8 @@ def run_setup(rank: int, setup: str, run: CapstoneConfig, data) -> dict:
 
 def row_bytes(d: int, wire: str) -> int:
     """Bytes one row of ``d`` values costs on its four trips (dispatch, combine, and their gradients back): fp32
-    all four; on the FP8 wire the dispatch packed (:func:`moelab.quant.packed_bytes`), the rest BF16."""
+    all four; on moelab's FP8 wire the forward dispatch packed (:func:`moelab.quant.packed_bytes`), the other
+    three BF16."""
     return 16 * d if wire == "fp32" else quant.packed_bytes(d) + 3 * 2 * d
 
 
