@@ -53,7 +53,8 @@ def time_notebook(path: Path) -> dict:
             t1 = datetime.datetime.fromisoformat(timing["shell.execute_reply"].replace("Z", "+00:00"))
             cell_seconds.append((t1 - t0).total_seconds())
     return {"case": path.stem, "seconds": round(seconds, 1), "code_cells": len(cell_seconds),
-            "slowest_cell_s": round(max(cell_seconds, default=0.0), 1)}
+            "slowest_cell_s": round(max(cell_seconds, default=0.0), 1),
+            "outside_cells_s": round(seconds - sum(cell_seconds), 1)}   # kernel start and stop, waits between cells
 
 
 def time_fresh_clone() -> list[dict]:
