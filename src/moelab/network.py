@@ -25,7 +25,7 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterable, Iterator
 
 
 @dataclass(frozen=True)
@@ -183,6 +183,15 @@ class Network:
         self.clock = None
         self.offset = 0.0
         self.link_seconds = 0.0
+
+
+def add_by_class(counts: Iterable[dict[str, int]]) -> dict[str, int]:
+    """Several ranks' :attr:`Network.sent_bytes` (or messages) added up per link class."""
+    total: dict[str, int] = {}
+    for count in counts:
+        for name, n in count.items():
+            total[name] = total.get(name, 0) + n
+    return total
 
 
 ALGORITHMS = ("ring_all_reduce", "halving_doubling_all_reduce", "ring_reduce_scatter", "ring_all_gather",

@@ -35,7 +35,7 @@ from ..config import ModelConfig, check
 from ..data import load_corpus
 from ..dist import rank_device
 from ..model import Transformer
-from ..network import Network
+from ..network import Network, add_by_class
 from ..slowlink import outer_step, ring_bytes
 from .expert_parallel import lm_config, rank_batch
 from .slow_link import TwoTierRun
@@ -212,18 +212,10 @@ def compare_rank(rank: int, world_size: int, setups: tuple[str, ...], run: Capst
         dist.all_gather_object(everyone, mine)
         if rank == 0:
             config = model_config(setup, data.tokenizer.vocab_size, run)
-            measured: dict[str, int] = {}
-            for r in everyone:
-                for name, n in r["sent_bytes"].items():
-                    measured[name] = measured.get(name, 0) + n
-            evals = []
-            for i, e in enumerate(mine["evals"]):
-                by_class: dict[str, int] = {}
-                for r in everyone:
-                    for name, n in r["evals"][i]["sent_bytes"].items():
-                        by_class[name] = by_class.get(name, 0) + n
-                evals.append({"step": e["step"], "val": e["val"], "seconds": e["seconds"],
-                              "link_seconds": e["link_seconds"], "sent_by_class": by_class})
+            measured = add_by_class(r["sent_bytes"] for r in everyone)
+            evals = [{"step": e["step"], "val": e["val"], "seconds": e["seconds"], "link_seconds": e["link_seconds"],
+                      "sent_by_class": add_by_class(r["evals"][i]["sent_bytes"] for r in everyone)}
+                     for i, e in enumerate(mine["evals"])]
             results[setup] = {
                 "evals": evals, "val": evals[-1]["val"], "seconds": evals[-1]["seconds"],
                 "link_seconds": evals[-1]["link_seconds"],

@@ -38,7 +38,7 @@ from ..config import check, check_float, check_int
 from ..data import load_corpus
 from ..dist import rank_device
 from ..model import Transformer
-from ..network import FAST, SLOW, Link, Network, Topology
+from ..network import FAST, SLOW, Link, Network, Topology, add_by_class
 from ..slowlink import (BucketLog, Int8HookState, LinkGroup, int8_all_reduce, int8_hook, int8_message_bytes,
                         logged, outer_step, powersgd_sizes, ring_bytes)
 from .expert_parallel import lm_config, rank_batch
@@ -252,10 +252,7 @@ def compare_rank(rank: int, world_size: int, methods: tuple[str, ...], run: Slow
         everyone: list = [None] * world_size
         dist.all_gather_object(everyone, {k: mine[k] for k in ("sent_bytes", "messages", "sent", "analytic")})
         if rank == 0:
-            by_class: dict[str, int] = {}
-            for r in everyone:
-                for name, n in r["sent_bytes"].items():
-                    by_class[name] = by_class.get(name, 0) + n
+            by_class = add_by_class(r["sent_bytes"] for r in everyone)
             results[method] = {"evals": mine["evals"], "val": mine["evals"][-1]["val"],
                                "seconds": mine["evals"][-1]["seconds"], "n_params": mine["n_params"],
                                "sent_by_class": by_class, "sent": [r["sent"] for r in everyone],
