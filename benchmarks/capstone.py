@@ -1,7 +1,7 @@
 """The capstone ladder, long: plain EP + DDP, then two-hop dispatch, node-limited routing, FP8 and DiLoCo, added
 one at a time, on the same 2 × 2 emulated network.
 
-    python benchmarks/capstone.py            # about 10 minutes on 2 cores
+    python benchmarks/capstone.py            # about 4 minutes on 2 cores
 
 Four ranks (two nodes of two; fast links inside a node, a slow one between) train the course's small MoE language
 model with experts sharded over all four ranks, for 300 optimizer steps per setup of

@@ -55,9 +55,9 @@ def exchange_counts(send_counts: torch.Tensor, group: dist.ProcessGroup | None =
     if net is None:
         dist.all_to_all_single(recv_counts, send_counts.contiguous(), group=group)
         return recv_counts
-    talk = [1 if peers is None or j in peers else 0 for j in range(world)]
-    recv_counts[[j for j in range(world) if talk[j]]] = pairwise_all_to_all(
-        send_counts[[j for j in range(world) if talk[j]]], talk, talk, net)
+    talk = [j for j in range(world) if peers is None or j in peers]
+    splits = [1 if j in talk else 0 for j in range(world)]
+    recv_counts[talk] = pairwise_all_to_all(send_counts[talk], splits, splits, net)
     return recv_counts
 
 
@@ -221,6 +221,13 @@ def run_local_experts(rows: torch.Tensor, recv: torch.Tensor, local_experts: Exp
         return backward_phase(timeline, Event("expert backward", rows=rows.shape[0]), rows, run_experts)
 
 
+def replicated_parameters(model: Transformer) -> list[torch.nn.Parameter]:
+    """The parameters every rank holds a copy of (embeddings, attention, norms, routers, shared experts): all but
+    the MoE layers' routed experts, in the model's order."""
+    sharded = {id(p) for moe in model.moe_layers for p in moe.experts.parameters()}
+    return [p for p in model.parameters() if id(p) not in sharded]
+
+
 def train_step(model: Transformer, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, grad_clip: float,
                group: dist.ProcessGroup | None = None, timeline: Timeline | None = None,
                all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -253,12 +260,11 @@ def train_step(model: Transformer, opt: torch.optim.Optimizer, x: torch.Tensor, 
     opt.zero_grad(set_to_none=True)
     (loss + aux).backward()
     world = dist.get_world_size(group)
-    sharded = {id(p) for moe in model.moe_layers for p in moe.experts.parameters()}
     for p in model.parameters():
         if p.grad is None:                           # a parameter this step did not reach: its gradient is zero
             p.grad = torch.zeros_like(p)
-    replicated = [p for p in model.parameters() if id(p) not in sharded]
-    experts = [p for p in model.parameters() if id(p) in sharded]
+    replicated = replicated_parameters(model)
+    experts = [p for moe in model.moe_layers for p in moe.experts.parameters()]
     for p in experts:
         p.grad /= world
     sharded_sq = sum((p.grad.pow(2).sum() for p in experts), torch.zeros((), device=model.device))

@@ -97,13 +97,13 @@ class MoE(nn.Module):
             return torch.zeros_like(x)
         with phase(self.timeline, "route"):
             routing = self.router(rows)
-        if self.two_hop is not None:
-            y = two_hop_expert_parallel(rows, routing, self.experts, c.n_routed_experts, self.two_hop, self.net,
-                                        self.timeline, self.wire)
-            self.kept = torch.ones_like(routing.indices, dtype=torch.bool)
-        elif self.expert_parallel:
-            y = expert_parallel(rows, routing, self.experts, c.n_routed_experts, self.ep_group, self.timeline,
-                                self.wire, self.net)
+        if self.expert_parallel:
+            if self.two_hop is not None:
+                y = two_hop_expert_parallel(rows, routing, self.experts, c.n_routed_experts, self.two_hop, self.net,
+                                            self.timeline, self.wire)
+            else:
+                y = expert_parallel(rows, routing, self.experts, c.n_routed_experts, self.ep_group, self.timeline,
+                                    self.wire, self.net)
             self.kept = torch.ones_like(routing.indices, dtype=torch.bool)
         elif c.dispatch == "capacity" and self.training:
             y, self.kept = capacity_dispatch(rows, routing, self.experts, c.capacity_factor)

@@ -74,12 +74,6 @@ def model_config(setup: str, vocab_size: int, run: CapstoneConfig) -> ModelConfi
     return dataclasses.replace(config, n_group=run.nodes, topk_group=1) if has(setup, "node_limited") else config
 
 
-def replicated(model: Transformer) -> list[torch.nn.Parameter]:
-    """The parameters every rank holds a copy of: all but the MoE layers' routed experts."""
-    sharded = {id(p) for moe in model.moe_layers for p in moe.experts.parameters()}
-    return [p for p in model.parameters() if id(p) not in sharded]
-
-
 def run_setup(rank: int, setup: str, run: CapstoneConfig, data) -> dict:
     """Train with ``setup`` on this rank (all ranks evaluate together: the experts are sharded). Returns the
     evaluations (step, validation loss, this rank's bytes per link class so far, simulated seconds), this rank's
@@ -99,7 +93,7 @@ def run_setup(rank: int, setup: str, run: CapstoneConfig, data) -> dict:
     opt = train.make_optimizer(model, cfg)
     node = topology.node_ranks(topology.node(rank))
     if has(setup, "diloco"):
-        local_params = replicated(model)
+        local_params = ep.replicated_parameters(model)
         global_params = [p.detach().clone().requires_grad_() for p in local_params]
         outer_opt = torch.optim.SGD(global_params, lr=run.outer_lr, momentum=run.outer_momentum,
                                     nesterov=run.outer_momentum > 0)
@@ -128,7 +122,7 @@ def run_setup(rank: int, setup: str, run: CapstoneConfig, data) -> dict:
             outer_step(global_params, local_params, outer_opt, lambda t: hierarchical_all_reduce(t, topology, net))
         if (step + 1) % run.eval_every == 0:
             evaluate(step + 1)
-    copy = torch.cat([p.detach().flatten() for p in replicated(model)]).double()
+    copy = torch.cat([p.detach().flatten() for p in ep.replicated_parameters(model)]).double()
     return {"evals": evals, "sent_bytes": dict(net.sent_bytes), "routing": routing,
             "n_replicated": copy.numel(), "replica": float((copy * torch.arange(1.0, copy.numel() + 1)).sum())}
 

@@ -212,7 +212,7 @@ def run_method(rank: int, method: str, run: SlowLinkConfig, data) -> dict:
     messages, and sent bytes measured and counted analytically."""
     if method not in METHODS:
         raise ValueError(f"method = {method!r} is not allowed; allowed: {', '.join(METHODS)}")
-    net = Network(Topology(run.nodes, run.per_node), run.intra, run.inter, virtual=True)
+    net = Network(run.topology, run.intra, run.inter, virtual=True)
     log = BucketLog()
     state = build(method, run, net, log, data.tokenizer.vocab_size)
     evals = []
