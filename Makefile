@@ -1,6 +1,7 @@
 # MoE Lab. The two commands are `make lab` and `make test`; every target creates .venv when it is missing.
 #   make lab      install, then open JupyterLab on notebooks/ (127.0.0.1, token kept; LAB_PORT=8888)
-#   make test     install, then the unit tests and strict nbval over every notebook
+#   make test     install, then the linter, the unit tests and strict nbval over every notebook (two at a time)
+#   make test-fast  the linter and the unit tests not marked slow (no ranks, no training, no notebooks): ~1 minute
 #   make execute  re-run every notebook (exercises and solutions too) in place exactly as the tests run it
 #   make bench    run every script in benchmarks/ (results in benchmarks/results/*.json), then update README
 #   make lock     re-resolve the pins of pyproject.toml in a scratch venv and rewrite constraints.txt
@@ -14,10 +15,20 @@ STAMP  := $(VENV)/.installed
 # Notebook outputs are compared exactly, so notebooks run with progress bars off and a fixed thread count.
 NB_ENV := TQDM_DISABLE=1 MOELAB_THREADS=2 PYTHONHASHSEED=0
 NBVAL  := --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout=600
+# The unit tests and the exercise notebooks on two pytest workers (pytest-xdist; each file whole on one worker),
+# then the chapters one after another: two training notebooks at once would run 4 torch threads on 2 cores, and
+# OpenMP's spinning threads then slow both many times over.
+XDIST  := -n 2 --dist loadfile
+CHAPTERS := $(wildcard notebooks/[0-9][0-9]_*.ipynb)
+# `make execute` merges each cell's printed lines into one output, as a quiet machine would have printed them.
+EXECUTE := --ExecutePreprocessor.timeout=600 --ExecutePreprocessor.record_timing=False \
+  --NotebookExporter.preprocessors=nbconvert.preprocessors.CoalesceStreamsPreprocessor \
+  --CoalesceStreamsPreprocessor.enabled=True
+LINT   := $(BIN)/ruff check src tests benchmarks
 ROOT   := $(if $(filter 0,$(shell id -u 2>/dev/null)),--allow-root,)
 LAB_PORT ?= 8888
 
-.PHONY: lab test execute bench lock ui-test
+.PHONY: lab test test-fast lint execute bench lock ui-test
 
 $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -31,12 +42,20 @@ lab: $(STAMP)
 	$(BIN)/jupyter lab --ServerApp.root_dir=. --LabApp.default_url=/lab/tree/notebooks \
 	  --ServerApp.ip=127.0.0.1 --ServerApp.port=$(LAB_PORT) $(ROOT)
 
+lint: $(STAMP)
+	$(LINT)
+
 test: $(STAMP)
-	$(NB_ENV) $(BIN)/python -m pytest $(NBVAL) tests notebooks
+	$(LINT)
+	$(NB_ENV) $(BIN)/python -m pytest $(XDIST) $(NBVAL) tests notebooks/exercises notebooks/solutions
+	$(NB_ENV) $(BIN)/python -m pytest $(NBVAL) $(CHAPTERS)
+
+test-fast: $(STAMP)
+	$(LINT)
+	$(NB_ENV) $(BIN)/python -m pytest -m "not slow" tests
 
 execute: $(STAMP)
-	$(NB_ENV) $(BIN)/jupyter nbconvert --to notebook --execute --inplace \
-	  --ExecutePreprocessor.timeout=600 --ExecutePreprocessor.record_timing=False \
+	$(NB_ENV) $(BIN)/jupyter nbconvert --to notebook --execute --inplace $(EXECUTE) \
 	  notebooks/*.ipynb notebooks/exercises/*.ipynb notebooks/solutions/*.ipynb
 
 bench: $(STAMP)

@@ -15,6 +15,7 @@ benchmarks/results/capstone.json (notebooks/10_capstone.ipynb reads it).
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 from moelab.bench import target, write_result
 from moelab.dist import launch
@@ -41,7 +42,7 @@ def main() -> None:
     exact = all(r["sent_by_class"] == r["analytic_by_class"] for r in results.values())
     targets = [target("measured bytes == analytic bytes, every setup and link class", float(exact), ">=", 1.0),
                target("everything at once: final val loss / naive's - 1", full["val_vs_naive"], "<=", 0.05)]
-    write_result("capstone", rows, targets, config=dataclasses.asdict(RUN))
+    write_result("capstone", rows, targets, directory=Path(__file__).parent / "results", config=dataclasses.asdict(RUN))
 
 
 if __name__ == "__main__":

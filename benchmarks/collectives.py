@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import statistics
+from pathlib import Path
 
 from moelab.bench import target, write_result
 from moelab.dist import launch
@@ -90,8 +91,8 @@ def main() -> None:
                   f"predicted {predicted * 1e3:8.1f} ms  ({measured / predicted:.2f}x)")
     targets.append(target("alpha-beta model: worst |measured / predicted - 1| on emulated links",
                           max(abs(e["ratio"] - 1) for e in emulated), "<=", 0.25))
-    write_result("collectives", rows, targets, emulated=emulated, ranks=P, cpu_count=os.cpu_count(),
-                 machine_alpha_s=round(machine_alpha, 6),
+    write_result("collectives", rows, targets, directory=Path(__file__).parent / "results", emulated=emulated, ranks=P,
+                 cpu_count=os.cpu_count(), machine_alpha_s=round(machine_alpha, 6),
                  links={link.name: {"alpha_s": link.alpha, "beta_bytes_per_s": link.beta} for link in (FAST, SLOW)})
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import statistics
+from pathlib import Path
 
 from moelab.bench import target, write_result
 from moelab.dist import launch
@@ -76,9 +77,9 @@ def main() -> None:
     balanced = [r for r in rows if r["skew"] == 0.0]
     targets = [target(f"payload bytes per token / analytic 2·k·d_model·4 B, {r['ranks']} ranks",
                       r["payload_bytes_per_token"] / r["analytic_bytes_per_token"], "==", 1.0) for r in balanced]
-    write_result("expert_parallel", rows, targets, cpu_count=os.cpu_count(), d_model=config.d_model,
-                 n_experts=config.n_routed_experts, top_k=config.top_k, d_expert=config.d_expert, dtype="float32",
-                 steps=STEPS)
+    write_result("expert_parallel", rows, targets, directory=Path(__file__).parent / "results",
+                 cpu_count=os.cpu_count(), d_model=config.d_model, n_experts=config.n_routed_experts,
+                 top_k=config.top_k, d_expert=config.d_expert, dtype="float32", steps=STEPS)
 
 
 if __name__ == "__main__":

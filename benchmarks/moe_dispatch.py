@@ -8,11 +8,15 @@ the dense baseline is a SwiGLU of width 1024. Each path runs moelab's MoE layer 
 expert); all timings of one shape are interleaved round by round and the median is kept, so that a busy
 machine slows every path alike. The fastest dropless path (loop, sorted, grouped: same outputs) is compared
 with dense; capacity dispatch (capacity factor 1.25) is reported beside it (it would do less work if it
-dropped tokens; with a freshly initialised, nearly uniform router it drops none). Where the time goes: each stage of the grouped path (routing, sort, gather/scatter, the experts' grouped
-matmuls) is also timed alone, with moelab's own functions, forward + backward. The allocator keeps freed memory (moelab.bench.steady_allocator) for every path alike. Writes
-benchmarks/results/moe_dispatch.json and prints a table.
+dropped tokens; with a freshly initialised, nearly uniform router it drops none). Where the time goes: each
+stage of the grouped path (routing, sort, gather/scatter, the experts' grouped matmuls) is also timed alone,
+with moelab's own functions, forward + backward. The allocator keeps freed memory
+(moelab.bench.steady_allocator) for every path alike. Writes benchmarks/results/moe_dispatch.json and prints a
+table.
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
@@ -98,7 +102,8 @@ def main() -> None:
     for case, p in profiles.items():
         print(f"{case}: grouped path {p['grouped path, ms per fwd + bwd']:.1f} ms; stages alone "
               f"{p['its stages, each timed alone']}; dense {p['dense SwiGLU']:.1f} ms")
-    write_result("moe_dispatch", rows, targets, stages=profiles, steady_allocator=allocator)
+    write_result("moe_dispatch", rows, targets, directory=Path(__file__).parent / "results", stages=profiles,
+                 steady_allocator=allocator)
 
 
 if __name__ == "__main__":

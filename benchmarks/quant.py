@@ -10,12 +10,15 @@
 2. The bytes of a dispatch payload per token row (DeepSeek-V3's hidden size 7168 and our layer's 256) in FP8 with
    one fp32 scale per 128 values, packed as moelab.collectives sends it (moelab.quant.pack), against fp32 and bf16.
    Targets: ≤ 0.27× fp32 and ≤ 0.53× bf16.
-3. The validation loss of the trained course model (notebook 04's fine-grained MoE, data/results/
-   moe_vs_dense_fine.pt) with its routed experts in each scheme of moelab.qexperts, on the same fixed batches.
+3. The validation loss of the trained course model (notebook 04's fine-grained MoE,
+   src/moelab/experiments/results/moe_vs_dense_fine.pt) with its routed experts in each scheme of moelab.qexperts,
+   on the same fixed batches.
    Target: FP8 fine-grained (1×128 activation tiles, 128×128 weight blocks) within 1% of fp32, relative.
 Writes benchmarks/results/quant.json.
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
@@ -69,8 +72,8 @@ def main() -> None:
                target("FP8 dispatch bytes with scales / bf16", payload["vs_bf16"], "<=", 0.53),
                target("FP8 fine-grained val loss / fp32 val loss - 1 (course model)",
                       losses["fp8_fine"] / losses["fp32"] - 1, "<", 0.01)]
-    write_result("quant", rows, targets, int_mm=int8_mm_available(), steady_allocator=allocator,
-                 cpu_capability=torch.backends.cpu.get_cpu_capability())
+    write_result("quant", rows, targets, directory=Path(__file__).parent / "results", int_mm=int8_mm_available(),
+                 steady_allocator=allocator, cpu_capability=torch.backends.cpu.get_cpu_capability())
 
 
 if __name__ == "__main__":

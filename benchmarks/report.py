@@ -32,6 +32,7 @@ def notebooks_block(r: dict) -> str:
     lines = ["| budget | target | measured | met |", "|---|---|---|---|",
              f"| every notebook executes | ≤ 120 s | {times} | {yes(met)} |"]
     for command, label in (("make test", "`make test` on a fresh clone, install included (pip cache off)"),
+                           ("make test-fast", "then `make test-fast` in that clone (the developer's loop)"),
                            ("make ui-test", "then `make ui-test` in that clone, `npm ci` included (as `.ci/run`)")):
         row = next((row for row in r["rows"] if row["case"].startswith(command + " ")), None)
         goal = next((t for t in r["targets"] if t["name"].startswith(command + " ")), None)
@@ -40,6 +41,15 @@ def notebooks_block(r: dict) -> str:
         else:
             lines.append(f"| {label} | ≤ {goal['target']} s | {row['seconds']:.1f} s ({row['pytest']}) | "
                          f"{yes(goal['met'])} |")
+    graph = next((row for row in r["rows"] if row["case"] == "import graph"), None)
+    if graph is not None:
+        cycle = next(t for t in r["targets"] if "import cycle" in t["name"])
+        core = next(t for t in r["targets"] if "moelab.moe imports" in t["name"])
+        lines += [f"| modules of `src/moelab` in an import cycle ({graph['modules']} modules) | 0 | "
+                  f"{graph['modules_in_a_cycle']} | {yes(cycle['met'])} |",
+                  f"| `moelab.moe` imports outside the core layer | 0 | "
+                  f"{len(graph['moe_imports_outside_core'])} (it imports {', '.join(graph['moe_imports'])}) | "
+                  f"{yes(core['met'])} |"]
     return "\n".join(lines)
 
 
@@ -107,9 +117,10 @@ def collectives_block(r: dict) -> str:
         lines.append(f"| {collective} | {algorithm} | " + " | ".join(f"{by_size[s]['bus_gb_s']:.3f}" for s in sizes)
                      + " |")
     worst = max(r["emulated"], key=lambda e: abs(e["ratio"] - 1))
-    lines += ["", "Bus bandwidth in GB/s (nccl-tests' definition), 4 ranks. " + _targets(r), f"α-β model against emulated links: {len(r['emulated'])} cases, worst {worst['algorithm']} at "
-        f"{_size(worst['bytes'])} ({worst['network']}): measured {worst['measured_ms']:.1f} ms, predicted "
-        f"{worst['predicted_ms']:.1f} ms."]
+    lines += ["", "Bus bandwidth in GB/s (nccl-tests' definition), 4 ranks. " + _targets(r),
+              f"α-β model against emulated links: {len(r['emulated'])} cases, worst {worst['algorithm']} at "
+              f"{_size(worst['bytes'])} ({worst['network']}): measured {worst['measured_ms']:.1f} ms, predicted "
+              f"{worst['predicted_ms']:.1f} ms."]
     return "\n".join(lines)
 
 
@@ -185,7 +196,10 @@ def teaching_block(r: dict) -> str:
              "|---|---|---|---|---|"]
     for row in (row for row in r["rows"] if row["case"][:2].isdigit()):
         text = (ROOT / "notebooks" / f"{row['case']}.ipynb").read_text(encoding="utf-8")
-        loaded = sorted(set(re.findall(r"\.\./((?:benchmarks/results|data/results)/\w+\.json)", text)))
+        loaded = set(re.findall(r"\.\./(benchmarks/results/\w+\.json)", text))
+        loaded |= {f"src/moelab/experiments/results/{name}.json"       # package data, read through load_results()
+                   for name in re.findall(r"from moelab\.experiments\.(\w+) import [^\"]*\bload_results\b", text)}
+        loaded = sorted(loaded)
         stubs = (ROOT / "notebooks" / "exercises" / f"{row['case']}.ipynb").read_text(encoding="utf-8")
         lines.append(f"| {row['case']} | {row['seconds']:.0f} s | {row['slowest_cell_s']:.0f} s | "
                      f"{', '.join(f'`{f}`' for f in loaded) or '—'} | {stubs.count('raises-exception')} |")

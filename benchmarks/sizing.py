@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 from moelab.bench import target, write_result
 from moelab.presets import PRESETS
@@ -42,7 +43,7 @@ def main() -> None:
     k2 = next(row for row in rows if row["preset"] == "Kimi K2")
     targets = [target("Kimi K2 on the meta device, build and count (s)", k2["seconds"], "<=", 10),
                target("Kimi K2 on the meta device, peak RSS (MB)", k2["peak_rss_mb"], "<=", 300)]
-    write_result("sizing", rows, targets)
+    write_result("sizing", rows, targets, directory=Path(__file__).parent / "results")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ Writes benchmarks/results/slow_link.json (notebooks/08_slow_link_training.ipynb 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 from moelab.bench import target, write_result
 from moelab.dist import launch
@@ -48,9 +49,10 @@ def main() -> None:
                target("INT8 all-reduce bytes / fp32 all-reduce bytes", by["int8"]["bytes_vs_ddp"], "<=", 0.26)]
     print(f"diloco with outer momentum {OPENDILOCO_MOMENTUM}: val {variant['val']:.4f} "
           f"({variant['val'] / ddp['val'] - 1:+.2%} vs DDP)")
-    write_result("slow_link", rows, targets, config=dataclasses.asdict(RUN), diloco_momentum_09={
-        "outer_momentum": OPENDILOCO_MOMENTUM, "val_loss": round(variant["val"], 5),
-        "val_vs_ddp": round(variant["val"] / ddp["val"] - 1, 5)})
+    write_result("slow_link", rows, targets, directory=Path(__file__).parent / "results",
+                 config=dataclasses.asdict(RUN),
+                 diloco_momentum_09={"outer_momentum": OPENDILOCO_MOMENTUM, "val_loss": round(variant["val"], 5),
+                                     "val_vs_ddp": round(variant["val"] / ddp["val"] - 1, 5)})
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ benchmarks/results/train_throughput.json and prints a table.
 """
 from __future__ import annotations
 
-import torch
+from pathlib import Path
 
 from moelab import notebook
 from moelab.bench import interleaved_medians, steady_allocator, target, write_result
@@ -44,7 +44,8 @@ def main() -> None:
         print(f"{name:7s} {ms:7.1f} ms/step  {tokens / ms * 1e3:8,.0f} tokens/s  {medians['dense'] / ms:5.2f}× dense"
               f"  ({counts['active']:,d} of {counts['total']:,d} parameters active)")
     targets = [target("coarse MoE tokens/s / dense tokens/s", medians["dense"] / medians["coarse"], ">=", 0.7)]
-    write_result("train_throughput", rows, targets, batch_tokens=tokens, steady_allocator=allocator)
+    write_result("train_throughput", rows, targets, directory=Path(__file__).parent / "results", batch_tokens=tokens,
+                 steady_allocator=allocator)
 
 
 if __name__ == "__main__":

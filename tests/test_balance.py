@@ -4,8 +4,7 @@ import math
 import pytest
 import torch
 
-from moelab.balance import (load_stats, router_z_loss, sequence_aux_loss, switch_aux_loss, tokens_per_expert,
-                            update_bias)
+from moelab.balance import load_stats, router_z_loss, sequence_aux_loss, switch_aux_loss, tokens_per_expert, update_bias
 from moelab.router import SigmoidRouter
 
 

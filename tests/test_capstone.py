@@ -10,6 +10,8 @@ from moelab.experiments.expert_parallel import equivalence_rank, layer_config
 from moelab.network import Network, Topology
 from moelab.twohop import node_rows
 
+pytestmark = pytest.mark.slow            # spawns ranks, runs JupyterLab or installs: not in make test-fast
+
 TOPOLOGY = Topology(2, 2)
 
 

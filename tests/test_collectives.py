@@ -11,6 +11,8 @@ from moelab.network import SLOW, Link, Network, Topology, cost
 from moelab.quant import quantize
 from moelab.timeline import Timeline
 
+pytestmark = pytest.mark.slow            # spawns ranks, runs JupyterLab or installs: not in make test-fast
+
 
 def factorizations(p):
     return [Topology(n, p // n) for n in range(1, p + 1) if p % n == 0]

@@ -16,7 +16,7 @@ def test_regenerated_corpus_matches_committed_files(tmp_path):
     assert (out / "SHA256SUMS").read_text(encoding="utf-8") == committed
     for line in committed.splitlines():
         digest, name = line.split()
-        assert corpus.sha256(corpus.CORPUS_DIR / name) == digest, f"data/corpus/{name} was edited by hand"
+        assert corpus.sha256(corpus.CORPUS_DIR / name) == digest, f"src/moelab/corpus/{name} was edited by hand"
 
 
 def test_seed_changes_the_text():

@@ -2,8 +2,16 @@
 import pytest
 import torch
 
-from moelab.dispatch import (DROPLESS, capacity_dispatch, capacity_mask, capacity_report, expert_capacity,
-                             grouped_mm_available, grouped_mm_supported, loop_dispatch)
+from moelab.dispatch import (
+    DROPLESS,
+    capacity_dispatch,
+    capacity_mask,
+    capacity_report,
+    expert_capacity,
+    grouped_mm_available,
+    grouped_mm_supported,
+    loop_dispatch,
+)
 from moelab.ffn import Experts
 from moelab.router import Routing, SigmoidRouter, SoftmaxRouter, skewed_routing
 

@@ -15,6 +15,8 @@ import torch.distributed as dist
 
 from moelab.dist import RankError, free_port, launch, main
 
+pytestmark = pytest.mark.slow            # spawns ranks, runs JupyterLab or installs: not in make test-fast
+
 
 def all_reduce_rank(rank, world_size, scale):
     device = "cuda" if dist.get_backend() == "nccl" else "cpu"

@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from moelab.dist import RankError, launch
-from moelab.ep import all_to_all, exchange_counts
+from moelab.exchange import all_to_all, exchange_counts
 from moelab.experiments.expert_parallel import equivalence_rank, layer_config, layer_rank, toy_rank
+
+pytestmark = pytest.mark.slow            # spawns ranks, runs JupyterLab or installs: not in make test-fast
 
 
 def rows_for(sender: int, receiver: int, world: int) -> int:
@@ -64,7 +66,8 @@ def test_expert_parallel_equals_one_process_in_outputs_and_all_gradients(world, 
 
 def dp_ep_rank(rank, world_size, steps):
     """A small MoE LM trained `steps` steps by one process on all ranks' batches, then with data + expert
-    parallelism on this rank's batch; returns both final states of what this rank holds."""
+    parallelism and with data parallelism alone on this rank's batch; returns the final states of what this rank
+    holds, each beside one process's."""
     from moelab import ep, train
     from moelab.config import ModelConfig
     from moelab.model import Transformer
@@ -83,16 +86,22 @@ def dp_ep_rank(rank, world_size, steps):
     torch.manual_seed(0)
     model = Transformer(cfg)
     for moe in model.moe_layers:
-        moe.shard_experts()
+        ep.shard(moe)
     opt = train.make_optimizer(model, tcfg)
     shard = slice(2 * rank, 2 * rank + 2)
     for x, y in batches:
-        ep.train_step(model, opt, x[shard], y[shard], grad_clip=1.0)
+        train.train_step(model, opt, x[shard], y[shard], grad_clip=1.0)
+    torch.manual_seed(0)
+    replica = Transformer(cfg)                                   # data parallel only: every rank holds all experts
+    opt = train.make_optimizer(replica, tcfg)
+    for x, y in batches:
+        train.train_step(replica, opt, x[shard], y[shard], grad_clip=1.0, data_parallel=True)
     E_local = cfg.n_routed_experts // world_size
     expected = {}
     for name, p in single.state_dict().items():
         expected[name] = p[rank * E_local:(rank + 1) * E_local] if ".experts." in name else p
-    return {name: (p, expected[name]) for name, p in model.state_dict().items()}
+    return {**{name: (p, expected[name]) for name, p in model.state_dict().items()},
+            **{f"dp {name}": (p, single.state_dict()[name]) for name, p in replica.state_dict().items()}}
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -151,23 +160,45 @@ def test_the_expert_parallel_layer_runs_under_torchrun_with_the_same_rank_functi
     assert len(rows) == 2 and sum(rows) == 2 * 64 * 2
 
 
-def unsharded_step_rank(rank, world_size):
+def half_sharded_step_rank(rank, world_size):
     from moelab import ep, train
     from moelab.config import ModelConfig
     from moelab.model import Transformer
 
-    cfg = ModelConfig(vocab_size=8, block_size=4, n_layer=2, n_head=1, d_model=8, n_routed_experts=2, top_k=1,
+    cfg = ModelConfig(vocab_size=8, block_size=4, n_layer=3, n_head=1, d_model=8, n_routed_experts=2, top_k=1,
                       first_k_dense=1)
     model = Transformer(cfg)
+    ep.shard(model.moe_layers[1])
     opt = train.make_optimizer(model, train.TrainConfig())
     x = torch.zeros(1, 4, dtype=torch.long)
-    ep.train_step(model, opt, x, x, grad_clip=1.0)
+    train.train_step(model, opt, x, x, grad_clip=1.0)
 
 
-def test_train_step_refuses_a_model_whose_experts_are_not_sharded():
-    with pytest.raises(RankError, match=r"MoE layers \[0\] .* hold all their experts; allowed: every MoE layer "
-                                        r"sharded with MoE.shard_experts"):
-        launch(unsharded_step_rank, 2, backend="gloo", timeout=60)
+def shard_twice_rank(rank, world_size):
+    """Shard a layer, record one forward pass on a timeline set afterwards, then try to shard it again."""
+    from moelab import ep
+    from moelab.moe import MoE
+    from moelab.timeline import Timeline
+
+    moe = ep.shard(MoE(layer_config(d_model=16, n_experts=4, top_k=2, d_expert=8)))
+    timeline = Timeline()
+    moe.dispatcher.set_timeline(timeline)
+    moe(torch.randn(3, 16))
+    assert [e.phase for e in timeline.events] == ["route", "dispatch", "expert", "combine"]
+    assert moe.experts.n_experts == 2 and moe.dispatcher.exchange.timeline is timeline
+    ep.shard(moe)
+
+
+def test_a_layer_is_sharded_once_and_its_dispatcher_takes_a_timeline_later():
+    with pytest.raises(RankError, match="shard: this MoE layer is already expert-parallel; allowed: a layer "
+                                        "holding all experts"):
+        launch(shard_twice_rank, 2, backend="gloo", timeout=60)
+
+
+def test_train_step_refuses_a_model_with_only_some_layers_expert_parallel():
+    with pytest.raises(RankError, match=r"MoE layers \[1\] .* are expert-parallel and the others are not; "
+                                        r"allowed: every MoE layer sharded with moelab.ep.shard, or none"):
+        launch(half_sharded_step_rank, 2, backend="gloo", timeout=60)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs (NCCL)")
@@ -181,7 +212,7 @@ def test_expert_parallel_equals_one_process_on_two_gpus_with_nccl():
 
 def fp8_wire_rank(rank, world_size):
     """The EP layer with FP8 dispatch and BF16 combine against one process that rounds the same way."""
-    from moelab import quant
+    from moelab import ep, quant
     from moelab.dispatch import assignments
     from moelab.moe import MoE
     from moelab.timeline import Timeline
@@ -197,12 +228,12 @@ def fp8_wire_rank(rank, world_size):
         outs = torch.stack([moe.experts.expert(int(e), r[None])[0] for r, e in zip(rows, expert)])
         ref = torch.zeros_like(x_all).index_add_(0, token, outs.bfloat16().float() * weight[:, None])
     sharded = copy.deepcopy(moe)
-    sharded.shard_experts(wire="fp8")
-    sharded.timeline = Timeline()
+    timeline = Timeline()
+    ep.shard(sharded, wire="fp8", timeline=timeline)
     x = x_all[rank * 10:(rank + 1) * 10].clone().requires_grad_()
     y = sharded(x)
     y.sum().backward()                                       # the gradient travels back in bf16
-    events = {e.phase: e for e in sharded.timeline.events}
+    events = {e.phase: e for e in timeline.events}
     return y.detach(), ref[rank * 10:(rank + 1) * 10], events, x.grad
 
 
@@ -215,6 +246,6 @@ def test_fp8_dispatch_and_bf16_combine_send_the_expected_bytes_and_round_as_one_
         back = events["dispatch backward"]                         # the gradients of this rank's rows, in bf16
         assert back.received + back.local == 10 * 2 * 160 * 2
         assert torch.isfinite(grad).all() and grad.abs().sum() > 0
-    with pytest.raises(ValueError, match="wire = 'int4' is not allowed; allowed: fp32, fp8"):
-        from moelab.ep import expert_parallel
-        expert_parallel(torch.zeros(1, 4), None, None, 2, wire="int4")
+    with pytest.raises(ValueError, match="wire.name = 'int4' is not allowed; allowed: fp32, fp8"):
+        from moelab.exchange import Exchange
+        Exchange(wire="int4")

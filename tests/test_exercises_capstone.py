@@ -45,7 +45,8 @@ def test_ring_bytes_counting_every_rank_or_one_phase_fail_with_their_hints():
         return p * 2 * (p - 1) * 4 * n // p if n % p == 0 else 0
 
     assert "only the ranks whose right neighbour" in repr(exercises.check_ring_bytes_across(every_rank))
-    half = exercises.check_ring_bytes_across(lambda n, nodes, per_node: NS["ring_bytes_across"](n, nodes, per_node) // 2)
+    half = exercises.check_ring_bytes_across(
+        lambda n, nodes, per_node: NS["ring_bytes_across"](n, nodes, per_node) // 2)
     assert repr(half).startswith("✗ check_ring_bytes_across: on input 1 of 10 (n=1000, nodes=2, per_node=2) the "
                                  "result is 6,000, expected 12,000.")
     assert "2(p−1) rounds" in repr(half)

@@ -41,7 +41,8 @@ def test_moe_params_with_two_matrix_experts_fails_with_a_hint():
 
 def test_devices_rounded_down_or_in_gib_fail_with_their_hints():
     def floor(config, dtype, device_gb):
-        return presets.analytic_counts(config)["total"] * {"fp32": 4, "bf16": 2, "fp8": 1}[dtype] // int(device_gb * 1e9)
+        return (presets.analytic_counts(config)["total"] * {"fp32": 4, "bf16": 2, "fp8": 1}[dtype]
+                // int(device_gb * 1e9))
 
     def gib(config, dtype, device_gb):
         nbytes = presets.analytic_counts(config)["total"] * {"fp32": 4, "bf16": 2, "fp8": 1}[dtype]

@@ -25,7 +25,8 @@ def test_data_parallel_step_with_forward_flops_only_fails_with_a_hint():
 
     verdict = repr(exercises.check_data_parallel_step(forward_only))
     assert verdict.startswith("✗ check_data_parallel_step: on input 1 of 5 (params=1e+10, tokens=262144, nodes=14, "
-                              "link='25 GbE', flops=3.165e+15, H=100) the result['compute'] is 1.65662, expected 4.96987.")
+                              "link='25 GbE', flops=3.165e+15, H=100) the result['compute'] is 1.65662, "
+                              "expected 4.96987.")
     assert "the result['compute'] is 1.65662, expected 4.96987" in verdict and "6 FLOPs per parameter" in verdict
 
 

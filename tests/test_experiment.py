@@ -1,4 +1,5 @@
 """The MoE-vs-dense experiment: matched configurations, FLOP counts, routing statistics, committed results."""
+import dataclasses
 import json
 import math
 
@@ -10,7 +11,7 @@ from moelab.analysis import domain_expert_information, routing_by_domain, token_
 from moelab.config import ModelConfig
 from moelab.data import build, load_corpus
 from moelab.experiments import moe_vs_dense
-from moelab.experiments.moe_vs_dense import RESULTS, load_trained, matched_configs
+from moelab.experiments.moe_vs_dense import load_results, load_trained, matched_configs
 from moelab.model import Transformer, flops_per_token, parameter_counts
 
 
@@ -82,7 +83,7 @@ def test_domain_expert_information_bounds():
 
 
 def test_committed_results_match_the_schema_the_notebook_reads():
-    results = json.loads(RESULTS.read_text(encoding="utf-8"))
+    results = load_results()
     assert results["experiment"] == "moe_vs_dense" and results["command"].startswith("python -m moelab.experiments")
     domains = results["domains"]
     budgets = sorted(results["budgets"], key=int)
@@ -116,7 +117,7 @@ def test_committed_results_match_the_schema_the_notebook_reads():
 
 
 def test_committed_model_reproduces_the_committed_routing():
-    results = json.loads(RESULTS.read_text(encoding="utf-8"))
+    results = load_results()
     model = load_trained()
     data = load_corpus()
     fine = results["budgets"][max(results["budgets"], key=int)]["models"]["fine"]
@@ -126,7 +127,15 @@ def test_committed_model_reproduces_the_committed_routing():
     np.testing.assert_allclose(fractions, fine["routing"]["domain_expert_fraction"], atol=1e-4)
 
 
-def test_script_writes_results_and_a_rerun_resumes_from_its_checkpoints(tmp_path):
+@pytest.mark.slow
+def test_script_writes_results_and_a_rerun_resumes_from_its_checkpoints(tmp_path, monkeypatch):
+    # the script's own logic at a fraction of its evaluation cost: small batches, one evaluation batch each
+    small = moe_vs_dense.train_config
+    monkeypatch.setattr(moe_vs_dense, "train_config",
+                        lambda steps, seed=0: dataclasses.replace(small(steps, seed), batch_size=4, eval_batches=1))
+    by_domain, routing = moe_vs_dense.domain_losses, moe_vs_dense.routing_by_domain
+    monkeypatch.setattr(moe_vs_dense, "domain_losses", lambda model, data, *_: by_domain(model, data, 4, 1))
+    monkeypatch.setattr(moe_vs_dense, "routing_by_domain", lambda model, data, **_: routing(model, data, n_batches=1))
     out = tmp_path / "results.json"
     args = ["--steps", "3", "2", "--models", "dense,fine", "--out", str(out), "--runs", str(tmp_path / "runs")]
     moe_vs_dense.main(args)

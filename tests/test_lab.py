@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow            # spawns ranks, runs JupyterLab or installs: not in make test-fast
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -85,13 +87,13 @@ def test_make_lab_serves_the_notebooks_behind_a_token(lab):
     assert status == 200
     names = {item["name"] for item in json.loads(body)["content"]}
     assert {"00_orientation.ipynb", "01_dense_baseline.ipynb"} <= names
-    assert get(f"{base}/api/contents/data/README.md?token={token}")[0] == 200  # the files notebooks cite
+    assert get(f"{base}/api/contents/src/moelab/corpus/README.md?token={token}")[0] == 200  # files notebooks cite
     assert get(f"{base}/api/contents")[0] == 403  # no token, no access
     request = urllib.request.Request(f"{base}/?token={token}")
     opener = urllib.request.build_opener(NoRedirect)
-    try:
+    with pytest.raises(urllib.error.HTTPError) as redirect:                # NoRedirect turns the 302 into an error
         opener.open(request, timeout=5)
-    except urllib.error.HTTPError as err:
-        assert err.code == 302 and urllib.parse.urlparse(err.headers["Location"]).path == "/lab/tree/notebooks"
+    assert redirect.value.code == 302
+    assert urllib.parse.urlparse(redirect.value.headers["Location"]).path == "/lab/tree/notebooks"
     status, body = get(f"{base}/api/kernelspecs?token={token}")
     assert "moelab" in json.loads(body)["kernelspecs"]

@@ -55,7 +55,7 @@ def test_an_mla_transformer_is_causal():
 
 
 def test_a_new_token_attends_from_the_cached_latents_alone():
-    """Decoding: the last position's output computed from the cache (c_kv and k_pe of every position: 
+    """Decoding: the last position's output computed from the cache (c_kv and k_pe of every position:
     kv_lora_rank + qk_rope_head_dim values each) equals the full causal forward's."""
     torch.manual_seed(0)
     config = ModelConfig(**SMALL)

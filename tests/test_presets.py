@@ -48,8 +48,7 @@ def test_building_on_the_meta_device_leaves_torch_init_as_it_was():
 
 def test_the_course_presets_are_the_models_the_notebooks_train():
     from moelab.data import load_corpus
-    from moelab.experiments.expert_parallel import lm_config
-    from moelab.experiments.moe_vs_dense import matched_configs
+    from moelab.presets import lm_config, matched_configs
     vocab = load_corpus().tokenizer.vocab_size
     assert PRESETS["course fine MoE"]() == matched_configs(vocab)["fine"]
     assert PRESETS["course LM"]() == lm_config(vocab)

@@ -50,8 +50,16 @@ def test_pack_and_unpack_keep_every_byte(fmt):
     assert torch.equal(s2, scales)
 
 
-from moelab.quant import (block_scales, dequantize_blocks, fp8_block_gemm, int8_mm, quantize_blocks,  # noqa: E402
-                          scaled_mm, w8a8_linear)
+from moelab.quant import (  # noqa: E402
+    block_scales,
+    dequantize_blocks,
+    fp8_block_gemm,
+    int8_mm,
+    quantize_blocks,
+    scaled_mm,
+    scaled_mm_available,
+    w8a8_linear,
+)
 
 MANTISSA = {"fp8_e4m3": (3, -6), "fp8_e5m2": (2, -14)}                 # mantissa bits, smallest normal exponent
 
@@ -135,6 +143,11 @@ def test_scaled_mm_equals_the_emulated_product(rowwise):
         a_s, b_s = a_s.view(()), b_s.view(())
     expected = (a_q.float() @ b_q.float().t()) * a_s * (b_s.view(1, -1) if rowwise else b_s)
     torch.testing.assert_close(scaled_mm(a_q, a_s, b_q, b_s), expected, rtol=1e-5, atol=1e-4)
+    if scaled_mm_available():                                  # torch's kernel, asked for, gives the same numbers
+        torch.testing.assert_close(scaled_mm(a_q, a_s, b_q, b_s, kernel=True), expected, rtol=1e-5, atol=1e-4)
+    else:
+        with pytest.raises(ValueError, match="kernel = True is not allowed: torch._scaled_mm does not run on cpu"):
+            scaled_mm(a_q, a_s, b_q, b_s, kernel=True)
 
 
 def test_w8a8_linear_is_close_to_the_fp32_product():
@@ -157,6 +170,27 @@ def test_tiny_inputs_get_a_normal_scale_and_never_nan():
     x = torch.randn(8, 256, generator=torch.Generator().manual_seed(0))
     assert round_trip_error(x, "int8", (1, 128)) < 0.01 < round_trip_error(x, "fp8_e5m2", (1, 128)) < 0.1
     assert wire_ratio(256, 128) == (256 + 8) / 1024 and wire_ratio(7168, 128) == pytest.approx(0.2578, abs=1e-4)
+
+
+TOP = torch.finfo(torch.float32).max
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2", "int8"])
+@pytest.mark.parametrize("pow2", [False, True])
+@pytest.mark.parametrize("value", [3.2e38, 3.3e38, -3.4e38, TOP, -TOP])
+@pytest.mark.parametrize("block", [(1, 128), (128, 128), (7, 5)])
+def test_values_at_the_top_of_fp32_come_back_finite(fmt, pow2, value, block):
+    x = torch.randn(16, 20, generator=torch.Generator().manual_seed(0))
+    x[0, 0], x[9, 13], x[15, 19] = value, -0.99 * value, 0.6 * value      # the amax of several blocks
+    q, scales = quantize_blocks(x, fmt, block, pow2)
+    back = dequantize_blocks(q, scales, block).double()
+    assert torch.isfinite(scales).all() and torch.isfinite(back).all()
+    full = scales.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)[:16, :20].double()
+    assert ((back - x.double()).abs() <= half_step(x.double() / full, fmt) * full * (1 + 1e-6)).all()
+    assert abs(back[0, 0].item() / value - 1) <= {"int8": 0.01, "fp8_e4m3": 2 ** -4, "fp8_e5m2": 2 ** -3}[fmt]
+    q, scales = quantize(x, fmt, 8, pow2)                                   # 1×8 tiles, into fp32 and bf16
+    assert torch.isfinite(dequantize(q, scales, 8)).all()
+    assert torch.isfinite(dequantize(q, scales, 8, dtype=torch.bfloat16)).all()
 
 
 def test_fp8_block_gemm_refuses_scales_of_another_block_size():

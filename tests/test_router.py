@@ -64,6 +64,7 @@ def test_expert_choice_balances_exactly_and_is_not_causal():
 
 def test_routers_built_directly_validate_their_shape():
     import pytest
+
     from moelab.config import ConfigError
     with pytest.raises(ConfigError, match=r"SigmoidRouter.n_group = 3 .* n_experts = 8"):
         SigmoidRouter(8, 8, 2, n_group=3)

@@ -37,12 +37,13 @@ def test_memory_per_device_equals_a_hand_computation():
 @pytest.mark.parametrize("call, message", [
     (lambda: Layout(dp=3, ep=2), "Layout.ep = 2 is not allowed; allowed: a divisor of dp = 3"),
     (lambda: memory_per_device(SMALL, Layout(), weights="int4"), "memory_per_device.weights = 'int4'"),
-    (lambda: row_bytes(64, "fp16"), "row_bytes.wire = 'fp16' is not allowed; allowed: fp32, bf16, fp8")])
+    (lambda: row_bytes(64, "fp16"), "row_bytes.fmt = 'fp16' is not allowed; allowed: fp32, bf16, fp8")])
 def test_bad_sizing_input_names_the_field(call, message):
     with pytest.raises(ConfigError, match=message):
         call()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("wire", ["fp32", "fp8"])
 def test_moe_traffic_equals_the_payload_the_expert_parallel_layer_moves(wire):
     config, tokens = layer_config(), 256
@@ -71,7 +72,7 @@ def test_moe_step_time_equals_a_hand_computation():
     active = 2 * 100 * 64 + (2 * 4 * 64 + 64) + 4 * 4 * 64 * 64 + 3 * 64 * 128 + 3 * 8 * 64 + 3 * 2 * 3 * 64 * 32
     assert t["compute"] == pytest.approx(6 * (active - 100 * 64) * 1000 / 0.5e12)
     row_pair = 2 * 64 + 2 * 64                                  # one bf16 copy out, one back
-    network_layer = 1 * (2 - 1) / 2 * row_pair * 1000 / 10e9 + 1e-5       # node limit 1: one copy crosses, half the time
+    network_layer = 1 * (2 - 1) / 2 * row_pair * 1000 / 10e9 + 1e-5  # node limit 1: one copy crosses, half the time
     nvlink_layer = 2 * (4 - 1) / 4 * row_pair * 1000 / 100e9 + 1e-6
     assert t["network"] == pytest.approx(2 * 3 * network_layer) and t["nvlink"] == pytest.approx(2 * 3 * nvlink_layer)
     assert t["communication"] == pytest.approx(2 * 3 * max(network_layer, nvlink_layer))

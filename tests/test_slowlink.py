@@ -7,17 +7,21 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
 from moelab.collectives import ring_all_reduce
+from moelab.compression import ErrorFeedback, int8_all_reduce
 from moelab.config import ConfigError
-from moelab.data import load_corpus
+from moelab.data import global_batch, load_corpus, rank_batch
+from moelab.ddp_hooks import BucketLog, LinkGroup
+from moelab.diloco import outer_step, pseudo_gradients
 from moelab.dist import launch
-from moelab.experiments.expert_parallel import global_batch, lm_config, rank_batch
-from moelab.experiments.slow_link import METHODS, SlowLinkConfig, build, compare_rank, train_step
+from moelab.experiments.slow_link import METHODS, SlowLinkConfig, build, compare_rank, method_step
 from moelab.model import Transformer
 from moelab.network import Link, Network, Topology
-from moelab.slowlink import (BucketLog, ErrorFeedback, LinkGroup, data_parallel_step, int8_all_reduce, outer_step,
-                             pseudo_gradients)
+from moelab.presets import lm_config
+from moelab.sizing import data_parallel_step
 from moelab.train import lr_at, make_optimizer
 from moelab.train import train_step as reference_step
+
+pytestmark = pytest.mark.slow            # spawns ranks, runs JupyterLab or installs: not in make test-fast
 
 
 def int8_rank(rank, p, n):
@@ -114,7 +118,7 @@ def hooked_rank(rank, world_size, method, steps):
                          per_node=world_size)
     net = Network(Topology(1, world_size), virtual=True)
     state = build(method, run, net, BucketLog(), data.tokenizer.vocab_size)
-    losses = [train_step(state, step, run, *rank_batch(data, step, rank, run.batch_size, 64)) for step in range(steps)]
+    losses = [method_step(state, step, run, *rank_batch(data, step, rank, run.batch_size, 64)) for step in range(steps)]
     errors = []
     try:                                      # torch's bf16 hook is refused when it is registered, on gloo
         DistributedDataParallel(torch.nn.Linear(2, 2)).register_comm_hook(None, default_hooks.bf16_compress_hook)

@@ -1,6 +1,7 @@
 """Timelines record phases in order, with their bytes, and time backward passes through identity markers."""
 import time
 
+import pytest
 import torch
 
 from moelab.dist import launch
@@ -66,6 +67,7 @@ def together_rank(rank, world_size):
     return tl.t0, tl.events[0].start, tl.now()
 
 
+@pytest.mark.slow
 def test_start_together_gives_every_rank_on_one_machine_the_same_time_zero():
     results = launch(together_rank, 3, backend="gloo", timeout=60)
     assert len({t0 for t0, _, _ in results}) == 1

@@ -7,8 +7,17 @@ import torch
 from moelab.config import ConfigError, ModelConfig
 from moelab.data import build
 from moelab.model import Transformer
-from moelab.train import (History, TrainConfig, domain_losses, evaluate, load_checkpoint, lr_at, restore,
-                          save_checkpoint, train)
+from moelab.train import (
+    History,
+    TrainConfig,
+    domain_losses,
+    evaluate,
+    load_checkpoint,
+    lr_at,
+    restore,
+    save_checkpoint,
+    train,
+)
 
 
 @pytest.fixture(scope="module")

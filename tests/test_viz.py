@@ -9,8 +9,15 @@ import torch  # noqa: E402
 
 from moelab.train import History  # noqa: E402
 from moelab.viz import (  # noqa: E402
-    color_by_expert, ema, expert_colors, plot_attention, plot_domain_experts, plot_expert_load, plot_history,
-    plot_load_heatmap)
+    color_by_expert,
+    ema,
+    expert_colors,
+    plot_attention,
+    plot_domain_experts,
+    plot_expert_load,
+    plot_history,
+    plot_load_heatmap,
+)
 
 
 def test_ema_starts_at_the_first_value_and_smooths():

@@ -10,6 +10,9 @@ With no pressure to spread tokens, a router tends to send most tokens to a few e
   selection bias of overloaded experts by γ and raise that of underloaded ones.
 
 Built in notebooks/03_load_balancing.ipynb.
+
+Shapes: ``T`` tokens, ``E`` experts, ``k`` choices per token; the sequence-wise loss sees ``B`` sequences
+of ``S`` tokens.
 """
 from __future__ import annotations
 

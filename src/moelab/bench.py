@@ -1,8 +1,8 @@
 """What every script in benchmarks/ shares: steady timing, targets, and the results file's one shape.
 
-Results go to ``benchmarks/results/<name>.json`` as
+Results go to ``<name>.json`` in the folder each script names (``benchmarks/results/``, beside the scripts), as
 ``{"benchmark", "torch", "threads", "created", "rows": [...], "targets": [...]}`` (plus any extra keys): ``rows``
-hold the raw measurements, ``targets`` restate each goal of the issue computed from them, met or not.
+hold the raw measurements, ``targets`` restate each of the benchmark's goals, computed from them, met or not.
 """
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ from typing import Callable
 
 import torch
 
-RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 OPS = {"<=": operator.le, "<": operator.lt, ">=": operator.ge, ">": operator.gt, "==": operator.eq}
 
 
@@ -51,17 +50,23 @@ def interleaved_medians(fns: dict[str, Callable[[], None]], rounds: int, warmup:
 
 
 def target(name: str, value: float, op: str, goal: float) -> dict:
-    """One goal from an issue, checked against a measured value."""
+    """One goal of a benchmark, checked against a measured value."""
     return {"name": name, "value": round(value, 3), "op": op, "target": goal, "met": bool(OPS[op](value, goal))}
 
 
-def write_result(name: str, rows: list[dict], targets: list[dict], **extra) -> Path:
-    """Write ``benchmarks/results/<name>.json`` in the shared shape and print whether each target is met."""
+def write_result(name: str, rows: list[dict], targets: list[dict], *, directory: Path, **extra) -> Path:
+    """Write ``directory/<name>.json`` in the shared shape and print whether each target is met.
+
+    The caller names the folder (a script passes ``Path(__file__).parent / "results"``): an installed moelab
+    cannot know where a checkout's ``benchmarks/`` is."""
     result = {"benchmark": name, "torch": torch.__version__, "threads": torch.get_num_threads(),
               "created": datetime.date.today().isoformat(), "rows": rows, "targets": targets, **extra}
-    path = RESULTS / f"{name}.json"
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.json"
     path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     for t in targets:
         print(f"{'met   ' if t['met'] else 'MISSED'} {t['name']}: {t['value']} ({t['op']} {t['target']})")
-    print(f"wrote {path.relative_to(RESULTS.parents[1])}")
+    shown = path.resolve()
+    print(f"wrote {shown.relative_to(Path.cwd()) if shown.is_relative_to(Path.cwd()) else shown}")
     return path

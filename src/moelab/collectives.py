@@ -21,6 +21,8 @@ Each takes ``net`` (an emulated :class:`~moelab.network.Network`: slow links, by
 ``timeline`` (a :class:`~moelab.timeline.Timeline`: one event per round, with its bytes, for a Gantt chart).
 They run on the default process group, return new tensors and leave their inputs untouched. Built in
 notebooks/06_collectives.ipynb; tests/test_collectives.py checks each against torch.distributed's built-in.
+
+Shapes: ``p`` ranks, ``G`` ranks per node; a row-wise collective's ``x`` is ``(N, d)``: ``N`` rows of ``d`` values.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from . import quant
-from .network import Network, Topology
+from .network import Network, Topology, chunk_sizes
 from .timeline import Timeline, phase
 
 Message = tuple[int, torch.Tensor]                      # (peer rank, tensor to send or buffer to receive into)
@@ -84,11 +86,6 @@ def exchange(sends: Sequence[Message], recvs: Sequence[Message], net: Network | 
         event.comm = time.perf_counter() - start
 
 
-def chunk_sizes(n: int, p: int) -> list[int]:
-    """``n`` elements in ``p`` chunks whose sizes differ by at most one, larger first (as ``torch.tensor_split``)."""
-    return [n // p + (1 if i < n % p else 0) for i in range(p)]
-
-
 class Codec(NamedTuple):
     """How a lossy ring carries a chunk: ``encode(chunk) -> message``, ``decode(message, n) -> n fp32 values``, and
     ``empty(n)``, a buffer to receive the message for ``n`` values into."""
@@ -103,7 +100,7 @@ def ring_reduce_scatter_in_place(flat: torch.Tensor, ranks: list[int], net, time
     """Ring reduce-scatter of ``flat`` (a private copy, summed in place) among ``ranks`` in ring order; returns its
     chunks, of which the one at this rank's position in ``ranks`` holds the sum over the ranks. With a ``codec``,
     every message is the encoded partial sum, decoded and added on arrival (e.g. INT8,
-    :func:`moelab.slowlink.int8_all_reduce`)."""
+    :func:`moelab.compression.int8_all_reduce`)."""
     p, i = len(ranks), ranks.index(dist.get_rank())
     sizes = chunk_sizes(flat.numel(), p)
     chunks = list(flat.split(sizes))
@@ -322,7 +319,8 @@ def hierarchical_all_to_all(x: torch.Tensor, counts: torch.Tensor, topology: Top
     """``dist.all_to_all_single`` in two hops, as DeepSeek-V3 dispatches tokens across nodes: rank ``(n, l)`` sends
     everything for node ``m`` in one message to its peer ``(m, l)`` (the same local index: one slow-link message
     per node instead of one per rank), which forwards each row to its destination inside node ``m`` over the
-    fast links. The rows cross the slow links once, as before, in ``N − 1`` messages instead of ``(N−1)·G``.
+    fast links. The rows cross the slow links once, as in the flat all-to-all, in ``nodes − 1`` messages instead of
+    ``(nodes − 1)·G``.
 
     ``counts[i, j]`` is how many rows rank ``i`` sends to rank ``j`` — every rank's splits, which the forwarding
     ranks need (gather them first, e.g. with :func:`ring_all_gather`; the flat all-to-all needs its own row of

@@ -103,11 +103,12 @@ class ModelConfig:
     With ``n_routed_experts > 0`` every layer from ``first_k_dense`` on is a mixture of experts
     (:class:`moelab.moe.MoE`): ``top_k`` of ``n_routed_experts`` SwiGLU experts of width ``d_expert`` (default
     ``d_ff``, Mixtral-style full-width experts: a top-k layer then does k times the dense FFN's work; set it
-    to ``d_ff // top_k`` to match active compute) plus ``n_shared_experts`` always-on ones; ``router`` ``"softmax"`` (Mixtral, Qwen3) or
-    ``"sigmoid"`` (DeepSeek-V3) with ``norm_topk_prob``, ``routed_scaling_factor`` and group limiting to the best
-    ``topk_group`` of ``n_group`` groups; ``dispatch`` one of :data:`DISPATCHES`, ``capacity_factor`` for
-    ``"capacity"``. Balancing: ``aux_loss_coef`` (Switch), ``z_loss_coef`` (ST-MoE), ``seq_aux_coef``
-    (DeepSeek-V3 sequence-wise), ``bias_update_speed`` (DeepSeek-V3 aux-loss-free γ).
+    to ``d_ff // top_k`` to match active compute) plus ``n_shared_experts`` always-on ones; ``router``
+    ``"softmax"`` (Mixtral, Qwen3) or ``"sigmoid"`` (DeepSeek-V3) with ``norm_topk_prob``,
+    ``routed_scaling_factor`` and group limiting to the best ``topk_group`` of ``n_group`` groups; ``dispatch``
+    one of :data:`DISPATCHES`, ``capacity_factor`` for ``"capacity"``. Balancing: ``aux_loss_coef`` (Switch),
+    ``z_loss_coef`` (ST-MoE), ``seq_aux_coef`` (DeepSeek-V3 sequence-wise), ``bias_update_speed`` (DeepSeek-V3
+    aux-loss-free γ).
 
     ``attention = "mla"`` replaces grouped-query attention by multi-head latent attention (:mod:`moelab.mla`,
     DeepSeek-V2/V3) with ``q_lora_rank`` (0: no query bottleneck), ``kv_lora_rank``, ``qk_nope_head_dim``,

@@ -140,10 +140,21 @@ def load_text(path: str | Path, val_fraction: float = 0.1) -> TextData:
 
 
 def load_corpus(root: str | Path = corpus.CORPUS_DIR, val_fraction: float = 0.1) -> TextData:
-    """The five-domain course corpus from ``data/corpus`` (regenerate with ``python -m moelab.corpus``)."""
+    """The five-domain course corpus shipped in the package (regenerate with ``python -m moelab.corpus``)."""
     root = Path(root)
     missing = [d for d in corpus.DOMAINS if not (root / f"{d}.txt").is_file()]
     if missing:
         raise FileNotFoundError(f"course corpus files {', '.join(missing)} not found in {root}; "
                                 f"regenerate them with `python -m moelab.corpus --out {root}`")
     return build({d: read_text(root / f"{d}.txt") for d in corpus.DOMAINS}, val_fraction)
+
+
+def rank_batch(data: TextData, step: int, rank: int, batch_size: int, block_size: int, seed: int = 0):
+    """Rank ``rank``'s training batch at ``step`` in data-parallel training: its own windows of the text."""
+    return data.batch("train", batch_size, block_size, seed=seed * 10**6 + step * 1000 + rank)
+
+
+def global_batch(data: TextData, step: int, world_size: int, batch_size: int, block_size: int, seed: int = 0):
+    """All ranks' batches at ``step`` together, in rank order: what one process trains on to take the same step."""
+    xs, ys = zip(*(rank_batch(data, step, r, batch_size, block_size, seed) for r in range(world_size)))
+    return torch.cat(xs), torch.cat(ys)

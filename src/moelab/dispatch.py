@@ -15,10 +15,15 @@ One interface, several implementations with the same outputs and gradients. Each
   assignments, first choices before second ones; the rest are dropped (the token keeps only its residual).
   Not causal: a token's second choice can lose its place to a *later* token's first choice.
 
-Built in notebooks/02_moe_layer.ipynb.
+A :class:`LocalDispatcher` puts one of them behind the MoE layer's dispatcher seam: :class:`moelab.moe.MoE` asks its
+``dispatcher`` to move the tokens, and expert parallelism (:func:`moelab.ep.shard`) swaps in one that sends them
+to other ranks. Built in notebooks/02_moe_layer.ipynb.
+
+Shapes: ``T`` tokens (rows), ``d`` = ``d_model``, ``E`` experts, ``k`` choices per token; ``N = T·k`` assignments.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
@@ -113,8 +118,8 @@ def expert_capacity(n_tokens: int, top_k: int, n_experts: int, capacity_factor: 
     """``ceil(capacity_factor · tokens · k / E)``: how many assignments one expert accepts. Switch Transformer's
     ``tokens / E · capacity_factor`` for top-1, generalised to top-k (GShard's top-2 capacity is ``2N / E``).
 
-    The product is rounded to 9 decimals before the ceiling: a factor that arrives as 1.5000000000000002 (a
-    browser slider's 1.25 + 0.25 in binary floating point, found by ui-tests/) must give the capacity of 1.5."""
+    The product is rounded to 9 decimals before the ceiling, so that a factor carrying binary rounding error
+    (1.25 + 0.25 = 1.5000000000000002) gives the capacity of the factor it stands for."""
     return math.ceil(round(capacity_factor * n_tokens * top_k / n_experts, 9))
 
 
@@ -153,3 +158,35 @@ def capacity_report(indices: torch.Tensor, n_experts: int, capacity_factor: floa
 
 
 DROPLESS = {"loop": loop_dispatch, "sorted": sorted_dispatch, "grouped": grouped_dispatch}
+
+
+class LocalDispatcher:
+    """The dispatcher of an MoE layer whose experts all live in this process: ``method`` is a key of
+    :data:`DROPLESS` or ``"capacity"``, which drops assignments over ``capacity_factor`` in training only (it is
+    not causal, so evaluation and generation run the dropless grouped path).
+
+    A dispatcher is called as ``dispatcher(x, routing, experts, training) -> (y, kept)``; ``phase(name)`` times a
+    part of the layer (nothing here), ``total_counts(counts)`` turns this process's expert loads into the loads
+    the whole layer saw (here, the same), and ``expert_parallel`` says whether other processes hold experts."""
+
+    expert_parallel = False
+
+    def __init__(self, method: str = "grouped", capacity_factor: float = 1.25):
+        if method not in (*DROPLESS, "capacity"):
+            raise ValueError(f"method = {method!r} is not allowed; allowed: {', '.join(DROPLESS)}, capacity")
+        self.method, self.capacity_factor = method, capacity_factor
+
+    def __call__(self, x: torch.Tensor, routing: Routing, experts: Experts,
+                 training: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.method == "capacity" and training:
+            return capacity_dispatch(x, routing, experts, self.capacity_factor)
+        return DROPLESS["grouped" if self.method == "capacity" else self.method](x, routing, experts)
+
+    def phase(self, name: str) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def total_counts(self, counts: torch.Tensor) -> torch.Tensor:
+        return counts
+
+    def __repr__(self) -> str:
+        return f"LocalDispatcher(method={self.method!r}, capacity_factor={self.capacity_factor})"

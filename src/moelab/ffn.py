@@ -3,6 +3,8 @@
 A SwiGLU FFN is ``w_down(silu(w_gate(x)) * w_up(x))`` (Shazeer 2020, "GLU Variants Improve Transformer"). It is
 the dense FFN of Llama, Qwen3 and DeepSeek-V3, and the shape of every expert in Mixtral, Qwen3-MoE and
 DeepSeek-V3. Built in notebooks/01_dense_baseline.ipynb (SwiGLU) and notebooks/02_moe_layer.ipynb (Experts).
+
+Shapes: ``E`` experts, ``n`` rows (tokens) of ``d_model`` values.
 """
 from __future__ import annotations
 

@@ -2,6 +2,8 @@
 
 Used by :mod:`moelab.model` (grouped-query attention) and :mod:`moelab.mla` (multi-head latent attention); built
 in notebooks/01_dense_baseline.ipynb.
+
+Shapes: ``T`` positions (tokens) of a sequence.
 """
 from __future__ import annotations
 

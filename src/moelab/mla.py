@@ -11,6 +11,8 @@ low-rank bottleneck (``q_lora_rank``; 0 means one matrix ``wq``). So a decoder c
 Names follow DeepSeek-V3's ``inference/model.py`` (``wq_a``, ``q_norm``, ``wq_b``, ``wkv_a``, ``kv_norm``, ``wkv_b``,
 ``wo``); the softmax scale is ``(qk_nope_head_dim + qk_rope_head_dim)^-0.5`` (its YaRN factor for long contexts is
 left out: the course's contexts are short). RoPE rotates interleaved pairs, as there.
+
+Shapes: ``B`` sequences of ``T`` tokens, ``H`` = ``n_head`` heads, ``S`` cached positions.
 """
 from __future__ import annotations
 
@@ -49,7 +51,8 @@ class MultiHeadLatentAttention(nn.Module):
         """``(q_nope, q_pe)``, each ``(B, H, T, ·)``; ``q_pe`` rotated for positions ``0..T−1`` of ``cos``/``sin``."""
         B, T, _ = x.shape
         q = self.wq_b(self.q_norm(self.wq_a(x))) if hasattr(self, "wq_a") else self.wq(x)
-        q_nope, q_pe = q.view(B, T, self.n_head, self.nope + self.rope).transpose(1, 2).split([self.nope, self.rope], -1)
+        q = q.view(B, T, self.n_head, self.nope + self.rope).transpose(1, 2)
+        q_nope, q_pe = q.split([self.nope, self.rope], -1)
         return q_nope, apply_rope(q_pe, cos[:T], sin[:T])
 
     def latent(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,12 +2,16 @@
 
 Pre-norm residual blocks (``x + attn(norm(x))``, ``x + ffn(norm(x))``) with RMSNorm, rotary position
 embeddings (both in :mod:`moelab.layers`), causal multi-head attention with an optional grouped-query layout (or
-DeepSeek's multi-head latent attention, :mod:`moelab.mla`), and a SwiGLU feed-forward network. Attention and block names follow Llama's and DeepSeek-V3's reference ``model.py`` (``wq``, ``wo``,
-``attn_norm``, ``ffn_norm``, ``tok_embeddings``, ``output``); the SwiGLU matrices are named for what they do,
-``w_gate`` / ``w_up`` / ``w_down`` (``w1`` / ``w3`` / ``w2`` there, ``gate_proj`` / ``up_proj`` / ``down_proj``
-in Hugging Face). The FFN slot is pluggable: ``Transformer(config, make_ffn=...)`` puts any module there;
+DeepSeek's multi-head latent attention, :mod:`moelab.mla`), and a SwiGLU feed-forward network. Attention and
+block names follow Llama's and DeepSeek-V3's reference ``model.py`` (``wq``, ``wo``, ``attn_norm``,
+``ffn_norm``, ``tok_embeddings``, ``output``); the SwiGLU matrices are named for what they do, ``w_gate`` /
+``w_up`` / ``w_down`` (``w1`` / ``w3`` / ``w2`` there, ``gate_proj`` / ``up_proj`` / ``down_proj`` in Hugging
+Face). The FFN slot is pluggable: ``Transformer(config, make_ffn=...)`` puts any module there;
 by default the config decides between a dense SwiGLU and a mixture of experts (:mod:`moelab.moe`).
 Built in notebooks/01_dense_baseline.ipynb.
+
+Shapes: ``B`` sequences of ``T`` tokens; ``H`` query and ``KV`` key/value heads of ``hd`` = ``head_dim`` values;
+``E`` routed experts, ``k`` = ``top_k`` per token.
 """
 from __future__ import annotations
 
@@ -23,7 +27,6 @@ from .config import ModelConfig
 from .layers import RMSNorm, apply_rope, rope_cache
 from .mla import MultiHeadLatentAttention
 from .moe import MoE, ffn_for_layer
-
 
 
 @contextlib.contextmanager

@@ -185,6 +185,20 @@ class Network:
         self.link_seconds = 0.0
 
 
+def chunk_sizes(n: int, p: int) -> list[int]:
+    """``n`` elements in ``p`` chunks whose sizes differ by at most one, larger first (as ``torch.tensor_split``)."""
+    return [n // p + (1 if i < n % p else 0) for i in range(p)]
+
+
+def ring_bytes(n: int, p: int, rank: int, message_bytes=lambda k: 4 * k) -> int:
+    """Bytes ``rank`` sends in a ring all-reduce of ``n`` values over ``p`` ranks (chunks as
+    :func:`chunk_sizes`), a chunk of ``k`` values costing ``message_bytes(k)``: in the
+    reduce-scatter it sends every chunk but its own, in the all-gather every chunk but its right neighbour's."""
+    sizes = chunk_sizes(n, p)
+    return sum(message_bytes(sizes[c]) for c in range(p) if c != rank) + \
+        sum(message_bytes(sizes[c]) for c in range(p) if c != (rank + 1) % p)
+
+
 def add_by_class(counts: Iterable[dict[str, int]]) -> dict[str, int]:
     """Several ranks' :attr:`Network.sent_bytes` (or messages) added up per link class."""
     total: dict[str, int] = {}

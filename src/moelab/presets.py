@@ -1,5 +1,7 @@
-"""Real MoE models as moelab configs, counted exactly: analytically from the config, and by building moelab's own
-model at full size on PyTorch's meta device (shapes without memory).
+"""Real MoE models as moelab configs, with their parameters counted exactly.
+
+The counts come two ways: analytically from the config, and by building moelab's own model at full size on
+PyTorch's meta device (shapes without memory).
 
 Field values are the Hugging Face ``config.json`` ones (sources in each preset's docstring; the course's fact
 sheet ``../shared/reference/moe-architectures.md`` §1 lists them side by side). What the course's model leaves
@@ -83,17 +85,48 @@ def mixtral_8x7b() -> ModelConfig:
 
 
 COURSE_VOCAB = 120                   # characters in the course corpus (moelab.data.load_corpus)
+COURSE_BASE = dict(block_size=128, n_layer=4, n_head=4, n_kv_head=2, d_model=64)   # notebook 04's models
+DENSE_WIDTH = 256                    # the active FFN width notebook 04's three matched models share
+BALANCE = dict(router="sigmoid", bias_update_speed=0.001, seq_aux_coef=1e-4)
+
+
+def matched_configs(vocab_size: int = COURSE_VOCAB) -> dict[str, ModelConfig]:
+    """Notebook 04's dense, coarse and fine-grained models, with equal active parameters (within 0.2%).
+
+    The fine-grained MoE is fixed first; its active FFN parameters per layer (8 experts of width ``F/8`` and a
+    router of 31 ``d_model``-vectors) set the target that the coarse experts' width and the dense width meet.
+    Both MoEs balance their load DeepSeek-V3's way (a sigmoid router with the aux-loss-free bias and a small
+    sequence-wise loss).
+    """
+    F, d = DENSE_WIDTH, COURSE_BASE["d_model"]
+    fine = ModelConfig(vocab_size=vocab_size, **COURSE_BASE, d_ff=F, n_routed_experts=31, n_shared_experts=1,
+                       top_k=7, d_expert=F // 8, **BALANCE)
+    active_ffn = (fine.top_k + fine.n_shared_experts) * 3 * d * fine.d_expert + fine.n_routed_experts * d
+    coarse = ModelConfig(vocab_size=vocab_size, **COURSE_BASE, d_ff=F, n_routed_experts=8, top_k=2,
+                         d_expert=round((active_ffn - 8 * d) / (2 * 3 * d)), **BALANCE)
+    dense = ModelConfig(vocab_size=vocab_size, **COURSE_BASE, d_ff=round(active_ffn / (3 * d)))
+    return {"dense": dense, "coarse": coarse, "fine": fine}
 
 
 def course_fine_moe() -> ModelConfig:
     """The course's fine-grained MoE of notebook 04 (31 routed experts of width 32 + 1 shared, top-7)."""
-    from .experiments.moe_vs_dense import matched_configs          # the experiment's own definition
     return matched_configs(COURSE_VOCAB)["fine"]
 
 
+def lm_config(vocab_size: int = COURSE_VOCAB, n_experts: int = 8) -> ModelConfig:
+    """The course's expert-parallel language model of notebooks 05, 08 and 10: 2 layers, ``n_experts`` experts of
+    width 64, top-2, one shared expert, DeepSeek-V3's sigmoid router balanced by the sequence-wise loss alone.
+
+    No aux-loss-free bias here: its update is ``γ · sign(mean load − load)``, a discrete function of the counts,
+    so a last-bit rounding difference between two parallel layouts that flips one token's choice can flip an
+    update and send the two runs apart; the comparison with one process is then no longer exact."""
+    return ModelConfig(vocab_size=vocab_size, block_size=64, n_layer=2, n_head=4, n_kv_head=2, d_model=64,
+                       n_routed_experts=n_experts, n_shared_experts=1, top_k=2, d_expert=64, router="sigmoid",
+                       seq_aux_coef=1e-3)
+
+
 def course_lm() -> ModelConfig:
-    """The course's expert-parallel language model of notebooks 05 and 08 (8 experts, top-2, one shared)."""
-    from .experiments.expert_parallel import lm_config
+    """The course's expert-parallel language model (:func:`lm_config` on the course corpus)."""
     return lm_config(COURSE_VOCAB)
 
 

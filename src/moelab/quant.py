@@ -1,5 +1,6 @@
-"""8-bit numbers with scales: FP8 (E4M3, E5M2) and INT8, at any granularity from one scale per tensor to one per
-1×128 tile, and the matmuls that use them.
+"""8-bit numbers with scales: FP8 (E4M3, E5M2) and INT8, and the matmuls that use them.
+
+Any granularity works, from one scale per tensor to one per 1×128 tile.
 
 **Scales by block.** A 2-D tensor is cut into ``block = (rows, cols)`` blocks, each with one fp32 scale
 ``amax / format_max``: ``(1, 128)`` is DeepSeek-V3's activation tile ("per token per 128 channels"),
@@ -12,15 +13,21 @@ because torch's CPU cast saturates E4M3 silently (even inf → 448) and overflow
 amax it only ever trims rounding. An all-zero block gets scale 1 (no 0/0). Inputs holding inf or NaN are refused
 (a scale cannot represent them). Scales and the division are computed in float64, so fp32 subnormal inputs are
 scaled up instead of being flushed. A scale never goes below fp32's smallest normal number (~1.2e-38): a block
-whose amax is under ``format_max`` times that rounds towards zero, never to NaN. ``pow2=True`` rounds each scale up to a power of two (DeepSeek-V3 uses
-them for its dispatch activations): dequantising then only changes exponents. INT8 is symmetric:
-``round(x / scale)`` in ``[−127, 127]``.
+whose amax is under ``format_max`` times that rounds towards zero, never to NaN. ``pow2=True`` rounds each scale
+up to a power of two (DeepSeek-V3 uses them for its dispatch activations): dequantising then only changes
+exponents. INT8 is symmetric: ``round(x / scale)`` in ``[−127, 127]``. Dequantising saturates at the output
+dtype's largest finite value, because near the top of fp32's range ``q · scale`` can round past it (a cast
+rounded up times a power-of-two scale, or ``127 · scale`` with the scale rounded up to fp32): a finite input
+always comes back finite.
 
 **Matmuls.** :func:`int8_mm` runs ``torch._int_mm`` (int8 × int8 → int32, exact) where the installed torch has
 it, else an exact emulation; :func:`fp8_block_gemm` is DeepSeek-V3's block-scaled FP8 GEMM in plain torch (each
 128-wide K block's products summed in fp32, then multiplied by both scales, as the reference
 ``inference/kernel.py`` does); :func:`scaled_mm` uses ``torch._scaled_mm`` for per-tensor or per-row FP8 scales
-where available, else the same emulation.
+on CUDA (or when asked), else the same emulation.
+
+Shapes: a 2-D ``x`` is ``(R, C)``, cut into ``(br, bc)`` blocks; packed rows are ``(N, d)`` with ``t`` scales each;
+a matmul ``a @ b.T`` takes ``a`` ``(M, K)`` and ``b`` ``(N, K)``.
 """
 from __future__ import annotations
 
@@ -79,10 +86,11 @@ def quantize_blocks(x: torch.Tensor, fmt: str = "fp8_e4m3", block=(1, 128),
 
 def dequantize_blocks(q: torch.Tensor, scales: torch.Tensor, block=(1, 128),
                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``q · scale`` per block, in ``dtype``."""
+    """``q · scale`` per block, in ``dtype``, saturated at ``dtype``'s largest finite value (and fp32's)."""
     br, bc = (1, block) if isinstance(block, int) else block
     full = scales.repeat_interleave(br, 0).repeat_interleave(bc, 1)[: q.shape[0], : q.shape[1]]
-    return (q.float() * full).to(dtype)
+    limit = min(torch.finfo(dtype).max, torch.finfo(torch.float32).max)
+    return (q.float() * full).clamp(-limit, limit).to(dtype)
 
 
 def quantize(x: torch.Tensor, fmt: str = "fp8_e4m3", block: int = 128,
@@ -187,27 +195,35 @@ def fp8_block_gemm(a_q: torch.Tensor, a_scales: torch.Tensor, b_q: torch.Tensor,
     return out
 
 
-def scaled_mm(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor) -> torch.Tensor:
+def scaled_mm(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor,
+              kernel: bool | None = None) -> torch.Tensor:
     """``a @ b.T`` in fp32 for FP8 ``a_q`` ``(M, K)``, ``b_q`` ``(N, K)`` with per-tensor scales (0-d) or per-row ones
-    (``(M, 1)`` and ``(N, 1)``): ``torch._scaled_mm`` where it runs, else products in fp32 times the scales."""
+    (``(M, 1)`` and ``(N, 1)``): ``torch._scaled_mm`` with ``kernel=True``, else the products in fp32 times the
+    scales (the same numbers). The default is the kernel on CUDA only: torch's CPU FP8 kernel runs but can be three
+    orders of magnitude slower than an fp32 matmul."""
     b_scale = b_scale.float().view(1, -1) if b_scale.dim() else b_scale.float()
-    if scaled_mm_available():
+    if kernel is None:
+        kernel = a_q.is_cuda
+    if kernel:
+        if not scaled_mm_available(a_q.device):
+            raise ValueError(f"kernel = True is not allowed: torch._scaled_mm does not run on {a_q.device} here; "
+                             f"allowed: kernel = False (or None)")
         return torch._scaled_mm(a_q, b_q.t(), scale_a=a_scale.float(), scale_b=b_scale, out_dtype=torch.float32)
     return (a_q.float() @ b_q.float().t()) * a_scale.float() * b_scale
 
 
-def scaled_mm_available() -> bool:
-    """Whether ``torch._scaled_mm`` multiplies FP8 on this device (feature-detected once on a tiny product)."""
-    global _SCALED_MM
-    if _SCALED_MM is None:
+def scaled_mm_available(device: torch.device | str = "cpu") -> bool:
+    """Whether ``torch._scaled_mm`` multiplies FP8 on ``device`` (feature-detected once per device type)."""
+    device = torch.device(device)
+    if device.type not in _SCALED_MM:
         try:
-            one = torch.ones(16, 16).to(torch.float8_e4m3fn)
-            out = torch._scaled_mm(one, one.t(), scale_a=torch.tensor(1.0), scale_b=torch.tensor(1.0),
-                                   out_dtype=torch.float32)
-            _SCALED_MM = bool(torch.equal(out, torch.full((16, 16), 16.0)))
+            one = torch.ones(16, 16, device=device).to(torch.float8_e4m3fn)
+            scale = torch.tensor(1.0, device=device)
+            out = torch._scaled_mm(one, one.t(), scale_a=scale, scale_b=scale, out_dtype=torch.float32)
+            _SCALED_MM[device.type] = bool(torch.equal(out.cpu(), torch.full((16, 16), 16.0)))
         except (AttributeError, RuntimeError, NotImplementedError):
-            _SCALED_MM = False
-    return _SCALED_MM
+            _SCALED_MM[device.type] = False
+    return _SCALED_MM[device.type]
 
 
-_SCALED_MM: bool | None = None
+_SCALED_MM: dict[str, bool] = {}

@@ -10,6 +10,8 @@ values. The two families the largest open models use differ in how scores are ma
 Both can limit each token to the best ``topk_group`` of ``n_group`` expert groups (:func:`limit_to_groups`),
 which is how DeepSeek-V3 keeps each token on at most 4 of its 8 nodes. :class:`ExpertChoiceRouter` turns the
 choice around (experts pick tokens); it is here for analysis only. Built in notebooks/02_moe_layer.ipynb.
+
+Shapes: ``T`` tokens, ``E`` experts, ``k`` = ``top_k`` choices per token.
 """
 from __future__ import annotations
 
@@ -145,7 +147,7 @@ class ExpertChoiceRouter(nn.Module):
 def skewed_routing(n_tokens: int, n_experts: int, top_k: int, skew: float, seed: int = 0) -> torch.Tensor:
     """Top-k choices ``(T, k)`` of a synthetic router that prefers low-numbered experts: logits are
     ``N(0, 1) + skew · (1 − i / (E − 1))`` for expert ``i``; ``skew = 0`` is a uniform router. For exploring
-    capacity and balance without training anything (the widget in notebook 02 uses it)."""
+    capacity and balance without training anything (notebooks/02_moe_layer.ipynb)."""
     g = torch.Generator().manual_seed(seed)
     preference = skew * (1 - torch.arange(n_experts) / max(1, n_experts - 1))
     logits = torch.randn(n_tokens, n_experts, generator=g) + preference

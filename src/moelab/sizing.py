@@ -3,40 +3,41 @@
 **Memory** (:func:`memory_per_device`). A layout splits ``devices = dp · tp · pp`` ways (:class:`Layout`):
 ``tp``-way tensor parallelism inside each layer and ``pp`` pipeline stages split every parameter; the routed
 experts are instead sharded ``ep`` ways across data-parallel replicas (expert parallelism, ``ep`` dividing ``dp``)
-and not split by ``tp`` — each of the ``tp`` ranks holds its experts whole (DeepSeek-V3 uses no ``tp``); ZeRO-1 (Rajbhandari et al. 2020) shards the optimizer
-states over the replicas that hold the same parameters — ``dp`` of them for the rest of the model, ``dp / ep``
-for an expert. Per parameter: its weight in the weight dtype, its gradient in the gradient dtype, and AdamW's two
-moments (fp32 by default), plus an fp32 master copy when the weights are not fp32 (mixed-precision training,
-Micikevicius et al. 2018) — 16 bytes a parameter in all for BF16 training without ZeRO. Activations for
-training follow Korthikanti et al. 2022 (Table 2, 16-bit, sequence parallelism, selective recomputation):
-``34 · d_model`` bytes per token per layer, divided by ``tp`` — a dense-transformer estimate that an MoE's wider
-FFN activations exceed. All figures are averages over pipeline stages. The KV cache for
-inference is :meth:`~moelab.config.ModelConfig.kv_cache_elements` per token and layer (split by ``tp`` for
-grouped-query heads; MLA's latent is one per token and is not).
+and not split by ``tp`` — each of the ``tp`` ranks holds its experts whole (DeepSeek-V3 uses no ``tp``); ZeRO-1
+(Rajbhandari et al. 2020) shards the optimizer states over the replicas that hold the same parameters — ``dp``
+of them for the rest of the model, ``dp / ep`` for an expert. Per parameter: its weight in the weight dtype, its
+gradient in the gradient dtype, and AdamW's two moments (fp32 by default), plus an fp32 master copy when the
+weights are not fp32 (mixed-precision training, Micikevicius et al. 2018) — 16 bytes a parameter in all for BF16
+training without ZeRO. Activations for training follow Korthikanti et al. 2022 (Table 2, 16-bit, sequence
+parallelism, selective recomputation): ``34 · d_model`` bytes per token per layer, divided by ``tp`` — a
+dense-transformer estimate that an MoE's wider FFN activations exceed. All figures are averages over pipeline
+stages. The KV cache for inference is :meth:`~moelab.config.ModelConfig.kv_cache_elements` per token and layer
+(split by ``tp`` for grouped-query heads; MLA's latent is one per token and is not).
 
 **Traffic** (:func:`moe_traffic`): the rows an MoE layer sends per token — ``top_k`` copies of the hidden state
 out (dispatch) and back (combine) — in a wire format (fp32, bf16, or fp8 with one fp32 scale per 128 values, as
-:mod:`moelab.quant` packs it), and how many copies at most cross between nodes when each token may reach at most
+:mod:`moelab.wire` counts it), and how many copies at most cross between nodes when each token may reach at most
 ``node_limit`` nodes and a copy crosses once per node (DeepSeek-V3 §3.2.2).
 
 **Step time** (:func:`moe_step_time`): a training step of a :class:`Cluster` from stated assumptions — compute
 ``6 · N_active · tokens`` at the devices' FLOP/s times an MFU, and the expert-parallel all-to-alls of every MoE
 layer, forward and backward, with the experts spread evenly over the ``nodes`` of the expert-parallel group and
-routing uniform: of a token's copies, ``(nodes − 1)/nodes`` cross the network (at most ``node_limit`` per token, each node once) and
-``(G − 1)/G`` of the rest move over NVLink inside the node; NVLink and the network work at the same time, so a
-layer's exchange takes the slower of the two. Reported without overlap (compute + communication) and with
-perfect overlap (the larger of the two), the bounds between which a real schedule such as DualPipe falls.
+routing uniform: of a token's copies, ``(nodes − 1)/nodes`` cross the network (at most ``node_limit`` per token,
+each node once) and ``(G − 1)/G`` of the rest move over NVLink inside the node; NVLink and the network work
+at the same time, so a layer's exchange takes the slower of the two. Reported without overlap (compute +
+communication) and with perfect overlap (the larger of the two), the bounds between which a real schedule such as
+DualPipe falls.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import quant
 from .config import ModelConfig, check, check_int
-from .network import Link
+from .network import Link, cost
 from .presets import analytic_counts
+from .wire import VALUE_BYTES as DTYPE_BYTES
+from .wire import row_bytes
 
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp8": 1}
 ACTIVATION_BYTES = 34                # per token, layer and hidden unit (Korthikanti et al. 2022, Table 2)
 
 
@@ -92,16 +93,6 @@ def memory_per_device(config: ModelConfig, layout: Layout, weights: str = "bf16"
     return {**out, "total": sum(out.values())}
 
 
-WIRES = ("fp32", "bf16", "fp8")
-
-
-def row_bytes(d_model: int, wire: str) -> int:
-    """Bytes of one hidden-state row on the wire: 4 or 2 a value, or for fp8 1 a value plus an fp32 scale per
-    128 (:func:`moelab.quant.packed_bytes`)."""
-    check(wire in WIRES, "row_bytes", "wire", wire, f"allowed: {', '.join(WIRES)}")
-    return quant.packed_bytes(d_model) if wire == "fp8" else DTYPE_BYTES[wire] * d_model
-
-
 def moe_traffic(config: ModelConfig, dispatch: str = "fp8", combine: str = "bf16",
                 node_limit: int | None = None) -> dict[str, int]:
     """Bytes per token per MoE layer: ``dispatch`` (``top_k`` rows out) and ``combine`` (``top_k`` rows back),
@@ -146,3 +137,16 @@ def moe_step_time(config: ModelConfig, cluster: Cluster, nodes: int, tokens_per_
     communication = 2 * layers * max(per_layer.values())
     return {"compute": compute, "network": network, "nvlink": nvlink, "communication": communication,
             "no_overlap": compute + communication, "perfect_overlap": max(compute, communication)}
+
+
+def data_parallel_step(params: float, tokens: float, nodes: int, link: Link, flops: float,
+                       H: int = 100) -> dict[str, float]:
+    """Seconds per step of data parallelism across ``nodes`` nodes joined by ``link`` (each node's bandwidth to
+    the others): ``compute``, ``6 · params · tokens`` FLOPs (Kaplan et al. 2020: forward 2, backward 4 per
+    parameter per token) at ``flops`` per second for a node's ``tokens``; ``all_reduce``, the ring all-reduce of
+    the fp32 gradients (:func:`moelab.network.cost`, not overlapped with the compute); and ``diloco_int8``, the
+    ring all-reduce of INT8 pseudo-gradients (1 + 4/128 bytes a value) every
+    ``H`` steps, per step."""
+    return {"compute": 6 * params * tokens / flops,
+            "all_reduce": cost("ring_all_reduce", 4 * params, nodes, link),
+            "diloco_int8": cost("ring_all_reduce", params * (1 + 4 / 128), nodes, link) / H}

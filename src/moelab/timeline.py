@@ -10,8 +10,9 @@
 A phase is timed with ``time.perf_counter`` (on CUDA after a ``torch.cuda.synchronize``, so that queued kernels
 count where they run). Processes on one machine read the same monotonic clock, so :func:`start_together` gives
 every rank the same time zero, and the events of all ranks can be drawn on one time axis
-(:func:`moelab.viz.plot_timeline`), as Nsight Systems or the PyTorch profiler's trace view draw them. Time spent inside a collective includes the time
-spent waiting for the slowest rank to get there: that wait is what load imbalance costs.
+(:func:`moelab.viz.plot_timeline`), as Nsight Systems or the PyTorch profiler's trace view draw them. Time spent
+inside a collective includes the time spent waiting for the slowest rank to get there: that wait is what load
+imbalance costs.
 """
 from __future__ import annotations
 

@@ -1,29 +1,30 @@
 """Training loop: AdamW, linear warmup + cosine decay, gradient clipping, periodic evaluation, checkpoints.
 
-Checkpoints are written atomically (a temporary file in the same folder, flushed, then ``os.replace``) and
-read with ``torch.load(weights_only=True)``. A resumed run continues exactly as an uninterrupted one would,
-bit for bit on CPU: the batches are a function of the step (see :mod:`moelab.data`), the learning rate is a
-function of the step, and the checkpoint holds the optimizer state and the torch RNG state (for dropout).
+Checkpoints are written atomically and read without running pickled code (:mod:`moelab.checkpoint`). A resumed
+run continues exactly as an uninterrupted one would, bit for bit on CPU: the batches are a function of the step
+(see :mod:`moelab.data`), the learning rate is a function of the step, and the checkpoint holds the optimizer state
+and the torch RNG state (for dropout).
 Built in notebooks/01_dense_baseline.ipynb.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import pickle
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 
+from .checkpoint import load_checkpoint, save_checkpoint
 from .config import ConfigError, ModelConfig, check, check_float, check_int, from_dict, set_checked
 from .data import CharTokenizer, TextData
+from .dp import average_gradients, sum_expert_loads
 from .model import Transformer, evaluating
 from .notebook import progress_bar
+from .timeline import Timeline
 
 EVAL_SEED = 10**9  # evaluation batches use seeds EVAL_SEED + i: the same windows for every model and run
 
@@ -143,59 +144,39 @@ class History:
         return len(self.step) * self.tokens_per_step / self.seconds if self.seconds else float("nan")
 
 
-def train_step(model: Transformer, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-               grad_clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+def train_step(model: Transformer, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, grad_clip: float,
+               *, data_parallel: bool = False, group: dist.ProcessGroup | None = None,
+               all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None, replicas: int | None = None,
+               timeline: Timeline | None = None,
+               forward: torch.nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step on the batch ``(x, y)``: language-modelling loss plus the MoE balancing losses,
     backward, gradient clipping (if ``grad_clip > 0``), the optimizer, then the MoE bias updates. Returns the
-    two losses (detached)."""
-    _, loss = model(x.to(model.device), y.to(model.device))
+    two losses (detached).
+
+    The same step trains in one process, data-parallel and data + expert parallel. With ``data_parallel`` (implied
+    when the MoE layers are expert-parallel, or an ``all_reduce`` is given), ``(x, y)`` is this rank's share of the
+    batch: the gradients are averaged over the ranks of ``group`` before clipping
+    (:func:`moelab.dp.average_gradients`, which takes ``all_reduce``, ``replicas`` and ``timeline``) and the expert
+    loads summed before the bias update (:func:`moelab.dp.sum_expert_loads`). ``forward`` runs the forward pass in
+    ``model``'s place when it wraps it, as torch's ``DistributedDataParallel`` does, whose hooks then average the
+    gradients during backward themselves."""
+    sharded = [i for i, moe in enumerate(model.moe_layers) if moe.expert_parallel]
+    if sharded and len(sharded) != len(model.moe_layers):
+        raise ValueError(f"MoE layers {sharded} (counting MoE layers from 0) are expert-parallel and the others are "
+                         f"not; allowed: every MoE layer sharded with moelab.ep.shard, or none")
+    _, loss = (forward or model)(x.to(model.device), y.to(model.device))
     aux = model.aux_loss
     opt.zero_grad(set_to_none=True)
     (loss + aux).backward()
-    if grad_clip > 0:
+    if data_parallel or sharded or all_reduce is not None:
+        average_gradients(model, grad_clip, group=group, all_reduce=all_reduce, replicas=replicas,
+                          timeline=timeline)
+        sum_expert_loads(model, group)
+    elif grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     opt.step()
     model.after_step()
     return loss.detach(), aux.detach()
-
-
-def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
-    """Call ``write(f)`` on a temporary file next to ``path``, fsync, then atomically rename it over ``path``.
-
-    A crash at any moment leaves either the previous file or the new one, never a torn file.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    """``torch.save`` ``state`` to ``path`` atomically (:func:`atomic_write`)."""
-    atomic_write(path, lambda f: torch.save(state, f))
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint with ``weights_only=True``: tensors and plain containers only, never pickled code."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise ValueError(f"{path} holds pickled Python objects besides tensors and plain containers; moelab "
-                         f"loads checkpoints with weights_only=True, which refuses to run such code") from None
-    except (RuntimeError, EOFError, OSError) as err:
-        raise ValueError(f"{path} is not a readable checkpoint (truncated, or not written by torch.save): "
-                         f"{str(err).splitlines()[0]}") from None
 
 
 CHECKPOINT_KEYS = ("model_config", "train_config", "step", "model", "optimizer", "history", "rng", "tokenizer")

@@ -8,8 +8,8 @@ with one group per node) bounds those copies by ``M = topk_group``. Without the 
 saves nothing on the slow links — each of a token's ``k`` choices would still travel on its own — so the two go
 together.
 
-:func:`two_hop_expert_parallel` on rank ``(n, l)`` (node ``n``, local index ``l`` of a
-:class:`~moelab.network.Topology`), with experts sharded over the ranks in order as in
+:func:`two_hop_expert_parallel` (the dispatcher :class:`TwoHopExpertParallel`) on rank ``(n, l)`` (node ``n``,
+local index ``l`` of a :class:`~moelab.network.Topology`), with experts sharded over the ranks in order as in
 :func:`moelab.ep.expert_parallel`:
 
 1. *across*: one *node row* per (token, node it chose), sent to the rank with the same local index on that node
@@ -22,10 +22,12 @@ together.
    forwarding rank, and that one row crosses the slow link back (in BF16 on the FP8 wire), where the node rows of
    a token are added.
 
-Every exchange is :func:`moelab.ep.all_to_all` (differentiable; the gradients take the same paths back), and with
-``net`` goes over an emulated :class:`~moelab.network.Network`, bytes counted per link class. The result equals
-the single-process dispatch up to the order of the sums (tests/test_capstone.py). Built in
+Every exchange is :func:`moelab.exchange.all_to_all` (differentiable; the gradients take the same paths back), and
+with the exchange's ``net`` goes over an emulated :class:`~moelab.network.Network`, bytes counted per link
+class. The result equals the single-process dispatch up to the order of the sums (tests/test_capstone.py). Built in
 notebooks/10_capstone.ipynb.
+
+Shapes: ``x`` is this rank's ``(T, d_model)`` token rows; ``k`` choices per token.
 """
 from __future__ import annotations
 
@@ -33,11 +35,19 @@ import torch
 import torch.distributed as dist
 
 from .dispatch import assignments, combine
-from .ep import WIRES, all_to_all, exchange_counts, return_rows, run_local_experts, send_rows
+from .exchange import (
+    Exchange,
+    ExchangeDispatcher,
+    all_to_all,
+    exchange_counts,
+    return_rows,
+    run_local_experts,
+    send_rows,
+)
 from .ffn import Experts
-from .network import Network, Topology
+from .network import Topology
 from .router import Routing
-from .timeline import Timeline, collective, phase
+from .timeline import collective, phase
 
 
 def node_rows(indices: torch.Tensor, experts_per_node: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -51,13 +61,14 @@ def node_rows(indices: torch.Tensor, experts_per_node: int) -> tuple[torch.Tenso
 
 
 def two_hop_expert_parallel(x: torch.Tensor, routing: Routing, local_experts: Experts, n_experts: int,
-                            topology: Topology, net: Network | None = None, timeline: Timeline | None = None,
-                            wire: str = "fp32") -> torch.Tensor:
-    """The routed experts' output for this rank's rows ``x`` ``(N, d_model)``, dispatched in two hops (see the
-    module docstring). ``wire`` as :data:`moelab.ep.WIRES` applies to both hops."""
-    if wire not in WIRES:
-        raise ValueError(f"wire = {wire!r} is not allowed; allowed: {', '.join(WIRES)}")
+                            topology: Topology, *, ex: Exchange = Exchange()) -> torch.Tensor:
+    """The routed experts' output for this rank's rows ``x`` ``(T, d_model)``, dispatched in two hops (see the
+    module docstring). The exchange's wire applies to both hops; its group must be the default one."""
+    if ex.group is not None:
+        raise ValueError("two_hop_expert_parallel: ex.group is not allowed (the topology numbers the default "
+                         "group's ranks); allowed: group = None")
     world, rank, E_local = dist.get_world_size(), dist.get_rank(), local_experts.n_experts
+    timeline = ex.timeline
     if topology.world != world or E_local * world != n_experts:
         raise ValueError(f"topology {topology.nodes} × {topology.per_node} with {E_local} experts per rank does not "
                          f"fit {world} ranks and n_experts = {n_experts}; allowed: nodes × per_node = world size, "
@@ -77,11 +88,10 @@ def two_hop_expert_parallel(x: torch.Tensor, routing: Routing, local_experts: Ex
         send[[topology.rank(m, local) for m in range(topology.nodes)]] = torch.bincount(row_node,
                                                                                         minlength=topology.nodes)
         with collective(timeline, event):
-            recv = exchange_counts(send, net=net, peers=peers)
+            recv = exchange_counts(send, ex, peers=peers)
             send_splits, recv_splits = send.tolist(), recv.tolist()
-            rows = send_rows(x.index_select(0, token), send_splits, recv_splits, None, timeline, event, wire, net)
-            meta = all_to_all(torch.cat([ids, gates.float()], 1), send_splits, recv_splits, None, timeline,
-                              "routing", net)
+            rows = send_rows(x.index_select(0, token), send_splits, recv_splits, event, ex)
+            meta = all_to_all(torch.cat([ids, gates.float()], 1), send_splits, recv_splits, ex=ex, name="routing")
     with phase(timeline, "dispatch inside") as event:
         got = meta[:, :k].detach().long() - 1                              # this node's local expert ids, -1: none
         row2, slot2 = torch.nonzero(got >= 0, as_tuple=True)
@@ -91,14 +101,25 @@ def two_hop_expert_parallel(x: torch.Tensor, routing: Routing, local_experts: Ex
         send2 = torch.zeros(world, E_local, dtype=torch.long, device=x.device)
         send2[inside] = torch.bincount(expert2, minlength=per_node).view(topology.per_node, E_local)
         with collective(timeline, event):
-            recv2 = exchange_counts(send2, net=net, peers=inside)
+            recv2 = exchange_counts(send2, ex, peers=inside)
             send2_splits, recv2_splits = send2.sum(1).tolist(), recv2.sum(1).tolist()
-            rows2 = send_rows(rows.index_select(0, row2), send2_splits, recv2_splits, None, timeline, event, wire,
-                              net)
+            rows2 = send_rows(rows.index_select(0, row2), send2_splits, recv2_splits, event, ex)
     out = run_local_experts(rows2, recv2, local_experts, timeline)
     with phase(timeline, "combine inside") as event:
-        back2 = return_rows(out, recv2_splits, send2_splits, None, timeline, event, wire, net)
+        back2 = return_rows(out, recv2_splits, send2_splits, event, ex)
         partial = combine(rows, row2, back2.to(rows.dtype) * meta[row2, k + slot2, None])
     with phase(timeline, "combine across") as event:
-        back = return_rows(partial, recv_splits, send_splits, None, timeline, event, wire, net)
+        back = return_rows(partial, recv_splits, send_splits, event, ex)
         return combine(x, token, back.to(x.dtype))
+
+
+class TwoHopExpertParallel(ExchangeDispatcher):
+    """The dispatcher of an expert-parallel MoE layer across the nodes of ``topology``:
+    :func:`two_hop_expert_parallel` over its exchange."""
+
+    def __init__(self, n_experts: int, exchange: Exchange, topology: Topology):
+        super().__init__(n_experts, exchange)
+        self.topology = topology
+
+    def route(self, x: torch.Tensor, routing: Routing, experts: Experts) -> torch.Tensor:
+        return two_hop_expert_parallel(x, routing, experts, self.n_experts, self.topology, ex=self.exchange)

@@ -2,6 +2,8 @@
 
 Each helper draws on a given ``matplotlib`` Axes (or a new one) and returns it, so notebooks can combine
 them. Built in notebooks/01_dense_baseline.ipynb.
+
+Shapes: ``E`` experts; ``T_query`` and ``T_key`` positions of an attention map.
 """
 from __future__ import annotations
 

@@ -6,8 +6,19 @@ compared, or ``✗`` with the first input on which your function and the library
 hint when the mistake is a common one. The machinery is in :mod:`moelab.exercises.core`; the checks of notebook
 NN are in the module named after its topic.
 """
-from . import (balancing, capstone, collectives, dense, expert_parallel, moe_layer, moe_vs_dense, orientation,
-               quantization, slow_link, trillion)
+from . import (
+               balancing,
+               capstone,
+               collectives,
+               dense,
+               expert_parallel,
+               moe_layer,
+               moe_vs_dense,
+               orientation,
+               quantization,
+               slow_link,
+               trillion,
+)
 from .core import Verdict, learner_facing
 
 MODULES = (orientation, dense, moe_layer, balancing, moe_vs_dense, expert_parallel, collectives, quantization,

@@ -1,8 +1,12 @@
-"""Checks for the exercises of notebooks/03_load_balancing.ipynb: the Switch balancing loss, DeepSeek-V3's
-auxiliary-loss-free bias update, and the max/mean load statistic.
+"""Checks for the exercises of notebooks/03_load_balancing.ipynb: how evenly a router spreads its tokens.
+
+Three checks: the Switch balancing loss, DeepSeek-V3's auxiliary-loss-free bias update, and the max/mean load
+statistic.
 
 References: :func:`moelab.balance.switch_aux_loss` (Switch Transformer, Fedus et al. 2021, eq. 4),
 :func:`moelab.balance.update_bias` (DeepSeek-V3, arXiv:2412.19437 §2.1.2) and :func:`moelab.balance.load_stats`.
+
+Shapes: ``T`` tokens, ``E`` experts, ``k`` choices per token.
 """
 from __future__ import annotations
 

@@ -1,19 +1,20 @@
 """Checks for the exercises of notebooks/10_capstone.ipynb: what crosses the slow link in the capstone's cluster.
 
 References: :func:`moelab.twohop.node_rows` (DeepSeek-V3 §3.2.2: a token is sent to each node it needs once),
-:func:`moelab.experiments.capstone.row_bytes` (moelab's FP8 wire: the forward dispatch in FP8 with 1×128 scales,
+:func:`moelab.wire.round_trip_bytes` (moelab's FP8 wire: the forward dispatch in FP8 with 1×128 scales,
 the other three trips in BF16; DeepSeek-V3 §3.3.3 has a second FP8 trip) and
-:func:`moelab.slowlink.ring_bytes` on a :class:`~moelab.network.Topology` (the ring of Patarasuk & Yuan 2009).
+:func:`moelab.network.ring_bytes` on a :class:`~moelab.network.Topology` (the ring of Patarasuk & Yuan 2009).
+
+Shapes: ``T`` tokens on a rank, ``k`` choices per token.
 """
 from __future__ import annotations
 
 import torch
 
-from ..experiments.capstone import row_bytes
+from ..network import Topology, ring_bytes
 from ..quant import packed_bytes
-from ..network import Topology
-from ..slowlink import ring_bytes
 from ..twohop import node_rows
+from ..wire import round_trip_bytes
 from .core import Verdict, case, run_check, seeded
 
 __all__ = ["check_copies_across", "check_row_bytes", "check_ring_bytes_across"]
@@ -68,7 +69,7 @@ def check_row_bytes(fn) -> Verdict:
     hints = [(_scales_left_out, "the FP8 dispatch also carries one fp32 scale (4 bytes) per 128 values, rounded up."),
              (_all_fp8, "on this wire only the forward dispatch is FP8: the combine and both backward trips travel "
                         "in BF16, 2 bytes a value.")]
-    return run_check("check_row_bytes", fn, row_bytes, cases, against="moelab.experiments.capstone.row_bytes",
+    return run_check("check_row_bytes", fn, round_trip_bytes, cases, against="moelab.wire.round_trip_bytes",
                      hints=hints)
 
 
@@ -100,4 +101,4 @@ def check_ring_bytes_across(fn) -> Verdict:
     hints = [(_every_rank, "only the ranks whose right neighbour is on another node send across."),
              (_one_direction, "a ring all-reduce is a reduce-scatter and an all-gather: 2(p−1) rounds, both count.")]
     return run_check("check_ring_bytes_across", fn, _ring_across, cases,
-                     against="moelab.slowlink.ring_bytes on a Topology", hints=hints)
+                     against="moelab.network.ring_bytes on a Topology", hints=hints)

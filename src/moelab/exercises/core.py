@@ -70,7 +70,8 @@ def _fmt(x: Any) -> str:
     return repr(x)
 
 
-def difference(expected: Any, got: Any, rtol: float = 1e-5, atol: float = 1e-6, where: str = "the result") -> str | None:
+def difference(expected: Any, got: Any, rtol: float = 1e-5, atol: float = 1e-6,
+               where: str = "the result") -> str | None:
     """The first difference between ``expected`` and ``got``, in words, or None when they agree.
 
     Tensors must match in shape and (for integer and bool tensors) exactly; float tensors within

@@ -1,8 +1,11 @@
-"""Checks for the exercises of notebooks/01_dense_baseline.ipynb: grouped-query attention's parameters, the RoPE
-angle cache, and sampling with a temperature.
+"""Checks for the exercises of notebooks/01_dense_baseline.ipynb: pieces of the dense baseline model.
+
+Three checks: grouped-query attention's parameters, the RoPE angle cache, and sampling with a temperature.
 
 References: :func:`moelab.presets.analytic_counts` (GQA, Ainslie et al. 2023), :func:`moelab.layers.rope_cache`
 (RoFormer, Su et al. 2021, eq. 15) and :meth:`moelab.model.Transformer.generate` (nanoGPT's ``generate``).
+
+Shapes: ``B`` sequences of ``T`` tokens.
 """
 from __future__ import annotations
 

@@ -9,6 +9,8 @@ the notebook's by-hand simulation does, and no process is started.
 - :func:`check_expert_rows` — the rows each rank's experts process, from every rank's routing (the same plan);
 - :func:`check_payload_bytes` — the bytes of one MoE layer's dispatch and combine on a rank, against
   :func:`moelab.sizing.moe_traffic`.
+
+Shapes: ``N`` tokens per rank, ``k`` choices per token, ``E`` experts, ``W`` ranks.
 """
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ from ..config import ModelConfig
 from ..dispatch import assignments, permute
 from ..quant import packed_bytes
 from ..router import Routing
-from ..sizing import WIRES, moe_traffic
+from ..sizing import moe_traffic
+from ..wire import FORMATS
 from .core import Verdict, case, run_check, seeded
 
 __all__ = ["check_dispatch_plan", "check_expert_rows", "check_payload_bytes"]
@@ -145,8 +148,8 @@ def check_payload_bytes(fn: Callable[[int, int, int, str, str], dict[str, int]])
         cases.append(case(tokens=int(torch.randint(1, 5000, (), generator=g)),
                           top_k=int(torch.randint(1, 9, (), generator=g)),
                           d_model=2 * int(torch.randint(1, 300, (), generator=g)),
-                          dispatch=WIRES[int(torch.randint(0, 3, (), generator=g))],
-                          combine=WIRES[int(torch.randint(0, 3, (), generator=g))]))
+                          dispatch=FORMATS[int(torch.randint(0, 3, (), generator=g))],
+                          combine=FORMATS[int(torch.randint(0, 3, (), generator=g))]))
     hints = [(_wrong_fp8(lambda d: 0), "an fp8 row also carries its scales: 4 bytes per 128 values."),
              (_wrong_fp8(lambda d: d // 128), "a last, partial tile of fewer than 128 values needs a scale too: "
                                               "⌈d_model / 128⌉ scales."),

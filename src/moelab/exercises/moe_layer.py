@@ -1,9 +1,13 @@
-"""Checks for the exercises of notebooks/02_moe_layer.ipynb: the softmax router with ``norm_topk_prob``, the
-sigmoid router with its selection-only bias, and which assignments a capacity-limited expert keeps.
+"""Checks for the exercises of notebooks/02_moe_layer.ipynb: the two routers and capacity dispatch.
+
+Three checks: the softmax router with ``norm_topk_prob``, the sigmoid router with its selection-only bias, and
+which assignments a capacity-limited expert keeps.
 
 References: :class:`moelab.router.SoftmaxRouter` (Mixtral, Qwen3-MoE), :class:`moelab.router.SigmoidRouter`
 (DeepSeek-V3, arXiv:2412.19437 §2.1 and §2.1.2), :func:`moelab.dispatch.expert_capacity` and
 :func:`moelab.dispatch.capacity_mask` (Switch Transformer, Fedus et al. 2021 §2.2; GShard, Lepikhin et al. 2020).
+
+Shapes: ``T`` tokens, ``E`` experts, ``k`` = ``top_k`` choices per token.
 """
 from __future__ import annotations
 

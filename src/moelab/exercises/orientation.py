@@ -1,5 +1,7 @@
-"""Checks for the exercises of notebooks/00_orientation.ipynb: counting an MoE's parameters, the devices its
-weights need, and the bytes its tokens send between nodes.
+"""Checks for the exercises of notebooks/00_orientation.ipynb: sizing an MoE by hand.
+
+Three checks: counting an MoE's parameters, the devices its weights need, and the bytes its tokens send between
+nodes.
 
 References: :func:`moelab.presets.analytic_counts` (the fact sheet's parameter formulas, §1.4),
 :func:`moelab.sizing.memory_per_device` and :func:`moelab.sizing.moe_traffic` (node-limited dispatch in FP8 with
@@ -11,7 +13,7 @@ import math
 
 import torch
 
-from .. import presets, sizing
+from .. import presets, sizing, wire
 from ..config import ModelConfig
 from .core import Case, Verdict, case, describe, run_check, seeded
 
@@ -83,11 +85,11 @@ def _devices(config: ModelConfig, dtype: str, device_gb: float) -> int:
 
 
 def _devices_floor(config: ModelConfig, dtype: str, device_gb: float) -> int:
-    return presets.analytic_counts(config)["total"] * sizing.DTYPE_BYTES[dtype] // int(device_gb * 1e9)
+    return presets.analytic_counts(config)["total"] * wire.VALUE_BYTES[dtype] // int(device_gb * 1e9)
 
 
 def _devices_gib(config: ModelConfig, dtype: str, device_gb: float) -> int:
-    return math.ceil(presets.analytic_counts(config)["total"] * sizing.DTYPE_BYTES[dtype] / (device_gb * 2**30))
+    return math.ceil(presets.analytic_counts(config)["total"] * wire.VALUE_BYTES[dtype] / (device_gb * 2**30))
 
 
 def _preset_case(model: str, dtype: str, device_gb: float) -> Case:
@@ -126,7 +128,7 @@ def _no_node_limit(d_model: int, top_k: int, node_limit: int, dispatch: str, com
 
 
 def _dispatch_only(d_model: int, top_k: int, node_limit: int, dispatch: str, combine: str) -> int:
-    return min(top_k, node_limit) * sizing.row_bytes(d_model, dispatch)
+    return min(top_k, node_limit) * wire.row_bytes(d_model, dispatch)
 
 
 def check_inter_node_bytes(fn) -> Verdict:
@@ -140,7 +142,7 @@ def check_inter_node_bytes(fn) -> Verdict:
              case(d_model=7168, top_k=8, node_limit=8, dispatch="bf16", combine="bf16"),
              case(d_model=4096, top_k=2, node_limit=4, dispatch="fp32", combine="fp32"),
              case(d_model=200, top_k=1, node_limit=1, dispatch="fp8", combine="fp8")]
-    wires = sizing.WIRES
+    wires = wire.FORMATS
     for _ in range(6):
         cases.append(case(d_model=2 * _randint(g, 32, 4097), top_k=_randint(g, 1, 17), node_limit=_randint(g, 1, 9),
                           dispatch=wires[_randint(g, 0, 3)], combine=wires[_randint(g, 0, 3)]))

@@ -1,5 +1,10 @@
-"""Checks for notebook 07 (FP8 and INT8): quantising to INT8 tiles, the round-trip error at a granularity, and the
-bytes of a packed row. Each compares the learner's function with :mod:`moelab.quant` on fixed random inputs."""
+"""Checks for notebook 07 (FP8 and INT8): 8-bit tiles, their round-trip error, and their bytes.
+
+Three checks: quantising to INT8 tiles, the round-trip error at a granularity, and the bytes of a packed row. Each
+compares the learner's function with :mod:`moelab.quant` on fixed random inputs.
+
+Shapes: ``x`` is ``(R, C)``: ``R`` rows of ``C`` values.
+"""
 from __future__ import annotations
 
 import math

@@ -1,6 +1,9 @@
-"""Checks for notebook 09 (trillion scale): MLA's KV cache and parameters per layer, and the bytes per device of a
-parallel layout for training and for serving. Each compares the learner's function with :mod:`moelab.config`,
-:mod:`moelab.presets` and :mod:`moelab.sizing` on real models and variants of them."""
+"""Checks for notebook 09 (trillion scale): MLA's KV cache and parameters, and memory per device.
+
+Four checks: MLA's KV cache and parameters per layer, and the bytes per device of a parallel layout for training
+and for serving. Each compares the learner's function with :mod:`moelab.config`, :mod:`moelab.presets` and
+:mod:`moelab.sizing` on real models and variants of them.
+"""
 from __future__ import annotations
 
 import dataclasses

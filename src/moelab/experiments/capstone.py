@@ -9,17 +9,19 @@ one before, so that the bytes on each link class, the simulated time and the val
 - ``two_hop``: one copy of a token per node it needs (:func:`moelab.twohop.two_hop_expert_parallel`).
 - ``node_limited``: each token's experts on one node (``n_group = nodes``, ``topk_group = 1``: DeepSeek-V3's
   node-limited routing with M = 1), so at most one copy crosses the slow link.
-- ``fp8``: moelab's FP8 wire (:data:`moelab.ep.WIRES`): the forward dispatch in FP8 E4M3 with 1×128 scales, the
+- ``fp8``: moelab's FP8 wire (:data:`moelab.wire.WIRES`): the forward dispatch in FP8 E4M3 with 1×128 scales, the
   combine and both backward trips in BF16. DeepSeek-V3 (§3.3.3) also sends the activation gradient before the
   down-projection in FP8; only its combines stay BF16.
 - ``diloco``: DiLoCo across the nodes (Douillard et al. 2023) for the replicated weights — all-reduced inside a
   node every step, over the fast links, and across the nodes only every ``H`` steps, by an outer Nesterov step on
-  the pseudo-gradients (:func:`moelab.slowlink.outer_step` over a hierarchical all-reduce). The experts are not
+  the pseudo-gradients (:func:`moelab.diloco.outer_step` over a hierarchical all-reduce). The experts are not
   replicated, so they are not averaged: they learn every step from every rank's tokens, as in all the rungs.
 
 Every exchange goes over one virtual :class:`~moelab.network.Network` (time simulated, nothing slept), and
 :func:`analytic_bytes` counts what each rung must send from the routing alone; the two agree exactly
 (tests/test_capstone.py). Notebook 10 runs the ladder briefly; benchmarks/capstone.py runs it long.
+
+Shapes: ``T`` tokens on a rank per step, ``k`` choices per token.
 """
 from __future__ import annotations
 
@@ -29,16 +31,17 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .. import ep, quant, train
-from ..collectives import chunk_sizes, hierarchical_all_reduce, ring_all_reduce
+from .. import ep, train
+from ..collectives import hierarchical_all_reduce, ring_all_reduce
 from ..config import ModelConfig, check
-from ..data import load_corpus
+from ..data import load_corpus, rank_batch
+from ..diloco import outer_step
 from ..dist import rank_device
 from ..model import Transformer
-from ..network import Network, add_by_class
-from ..slowlink import outer_step, ring_bytes
-from .expert_parallel import lm_config, rank_batch
-from .slow_link import TwoTierRun
+from ..network import Network, add_by_class, chunk_sizes, ring_bytes
+from ..presets import lm_config
+from ..wire import round_trip_bytes
+from .two_tier import TwoTierRun
 
 SETUPS = {
     "naive": "plain EP + DDP: every choice its own fp32 row; all-reduce every step over all ranks",
@@ -57,7 +60,7 @@ def has(setup: str, rung: str) -> bool:
 
 @dataclass(frozen=True)
 class CapstoneConfig(TwoTierRun):
-    """One comparison of notebook 10: the settings of :class:`~moelab.experiments.slow_link.TwoTierRun` (DiLoCo's
+    """One comparison of notebook 10: the settings of :class:`~moelab.experiments.two_tier.TwoTierRun` (DiLoCo's
     outer step as in notebook 08), with shorter defaults."""
 
     steps: int = 40
@@ -88,7 +91,7 @@ def run_setup(rank: int, setup: str, run: CapstoneConfig, data) -> dict:
     model = Transformer(config).to(rank_device())
     wire = "fp8" if has(setup, "fp8") else "fp32"
     for moe in model.moe_layers:
-        moe.shard_experts(wire=wire, net=net, two_hop=topology if has(setup, "two_hop") else None)
+        ep.shard(moe, wire=wire, net=net, two_hop=topology if has(setup, "two_hop") else None)
     cfg = run.train_config()
     opt = train.make_optimizer(model, cfg)
     node = topology.node_ranks(topology.node(rank))
@@ -116,7 +119,7 @@ def run_setup(rank: int, setup: str, run: CapstoneConfig, data) -> dict:
         for group in opt.param_groups:
             group["lr"] = train.lr_at(step, cfg)
         x, y = rank_batch(data, step, rank, run.batch_size, config.block_size, run.seed)
-        ep.train_step(model, opt, x, y, cfg.grad_clip, all_reduce=sync, replicas=replicas)
+        train.train_step(model, opt, x, y, cfg.grad_clip, all_reduce=sync, replicas=replicas)
         routing.append([moe.indices.reshape(-1, config.top_k).cpu() for moe in model.moe_layers])
         if has(setup, "diloco") and (step + 1) % run.H == 0:
             outer_step(global_params, local_params, outer_opt, lambda t: hierarchical_all_reduce(t, topology, net))
@@ -127,13 +130,6 @@ def run_setup(rank: int, setup: str, run: CapstoneConfig, data) -> dict:
             "n_replicated": copy.numel(), "replica": float((copy * torch.arange(1.0, copy.numel() + 1)).sum())}
 
 
-def row_bytes(d: int, wire: str) -> int:
-    """Bytes one row of ``d`` values costs on its four trips (dispatch, combine, and their gradients back): fp32
-    all four; on moelab's FP8 wire the forward dispatch packed (:func:`moelab.quant.packed_bytes`), the other
-    three BF16."""
-    return 16 * d if wire == "fp32" else quant.packed_bytes(d) + 3 * 2 * d
-
-
 def analytic_bytes(setup: str, run: CapstoneConfig, config: ModelConfig, n_replicated: int,
                    routing: list[list[list[torch.Tensor]]]) -> dict[str, int]:
     """Bytes all ranks must send per link class for ``setup``, from ``routing[rank][step][layer]`` (each rank's
@@ -141,7 +137,7 @@ def analytic_bytes(setup: str, run: CapstoneConfig, config: ModelConfig, n_repli
 
     - expert parallelism, per layer and step: the row counts (int64) to every peer; every row that leaves its rank
       (a (token, expert) choice, or with two hops a (token, node) copy across and a (copy, expert) row inside,
-      plus the copy's ``k`` expert ids and gates in fp32, and their gradients) at :func:`row_bytes`;
+      plus the copy's ``k`` expert ids and gates in fp32, and their gradients) at :func:`moelab.wire.round_trip_bytes`;
     - the replicated gradients and the experts' squared norm, ring-all-reduced every step over all ranks or, with
       DiLoCo, inside the node, plus every ``H`` steps the pseudo-gradients' hierarchical all-reduce.
     """
@@ -163,7 +159,7 @@ def analytic_bytes(setup: str, run: CapstoneConfig, config: ModelConfig, n_repli
                 if not has(setup, "two_hop"):
                     for j in range(p):
                         send(r, j, 8 * E_local)
-                        send(r, j, int((owner == j).sum()) * row_bytes(d, wire))
+                        send(r, j, int((owner == j).sum()) * round_trip_bytes(d, wire))
                     continue
                 node, local = topology.node(r), topology.local(r)
                 for m in range(topology.nodes):
@@ -171,9 +167,9 @@ def analytic_bytes(setup: str, run: CapstoneConfig, config: ModelConfig, n_repli
                     send(r, peer, 8)
                     chose = (owner // G == m)                                        # (T, k): choices on node m
                     copies = int(chose.any(1).sum())
-                    send(r, peer, copies * (row_bytes(d, wire) + 2 * 4 * 2 * k))
+                    send(r, peer, copies * (round_trip_bytes(d, wire) + 2 * 4 * 2 * k))
                     for j in topology.node_ranks(m):              # forwarded inside node m, a row per choice
-                        send(peer, j, int((owner == j).sum()) * row_bytes(d, wire))
+                        send(peer, j, int((owner == j).sum()) * round_trip_bytes(d, wire))
                 for j in topology.node_ranks(node):
                     send(r, j, 8 * E_local)
     n = n_replicated + 1                                                             # + the experts' squared norm

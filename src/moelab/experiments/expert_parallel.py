@@ -1,6 +1,6 @@
-"""Expert parallelism on real ranks: the rank functions of notebooks/05_expert_parallelism.ipynb,
-benchmarks/expert_parallel.py and tests/test_ep.py.
+"""Expert parallelism on real ranks: the rank functions that notebook 05, its benchmark and its tests launch.
 
+The callers are notebooks/05_expert_parallelism.ipynb, benchmarks/expert_parallel.py and tests/test_ep.py.
 Each ``*_rank`` function runs on every rank under :func:`moelab.dist.launch` (or ``torchrun``, see
 :mod:`moelab.dist`); they live in a module because spawned processes cannot import a notebook cell. They compute
 on :func:`moelab.dist.rank_device`: the CPU under gloo, the rank's GPU under NCCL.
@@ -21,8 +21,9 @@ import torch.distributed as dist
 
 from .. import ep, train
 from ..config import ModelConfig
-from ..data import TextData, load_corpus
+from ..data import TextData, global_batch, load_corpus, rank_batch
 from ..dist import rank_device
+from ..exchange import all_to_all, exchange_counts
 from ..model import Transformer
 from ..moe import MoE
 from ..timeline import Timeline, start_together
@@ -51,8 +52,8 @@ def toy_rank(rank: int, world_size: int) -> dict:
     expert = torch.tensor([(t + rank) % 4 for t in range(4)], device=device)
     order = torch.argsort(expert, stable=True)                 # rows for rank 0's experts first, then rank 1's
     send = torch.bincount(expert // 2, minlength=2)            # rows for each rank
-    recv = ep.exchange_counts(send)
-    rows = ep.all_to_all(tokens[order], send.tolist(), recv.tolist())
+    recv = exchange_counts(send)
+    rows = all_to_all(tokens[order], send.tolist(), recv.tolist())
     print(f"sends {tokens[order, 0].int().tolist()} split {send.tolist()}; receives {rows[:, 0].int().tolist()}")
     return {"expert": expert.tolist(), "send": send.tolist(), "recv": recv.tolist(),
             "sent": tokens[order, 0].int().tolist(), "received": rows[:, 0].int().tolist()}
@@ -61,9 +62,9 @@ def toy_rank(rank: int, world_size: int) -> dict:
 def equivalence_rank(rank: int, world_size: int, config: ModelConfig, tokens: int, skew: float = 0.0,
                      shard: dict | None = None) -> dict:
     """The same MoE layer (same seed) in one process on all ranks' tokens, and expert-parallel on this rank's
-    ``tokens`` (sharded with :meth:`~moelab.moe.MoE.shard_experts` and the keyword arguments ``shard``): returns ``{name: (expert parallel, one process)}`` for the output, the input's gradient, the
-    router's gradient (summed over ranks, as it is replicated) and this rank's experts' gradients, and
-    ``received``, the rows this rank's experts got."""
+    ``tokens`` (sharded by :func:`moelab.ep.shard` with the keyword arguments ``shard``): returns ``{name: (expert
+    parallel, one process)}`` for the output, the input's gradient, the router's gradient (summed over ranks, as it
+    is replicated) and this rank's experts' gradients, and ``received``, the rows this rank's experts got."""
     torch.manual_seed(0)
     moe = MoE(config)
     skew_towards_rank0(moe, skew, world_size)
@@ -80,7 +81,7 @@ def equivalence_rank(rank: int, world_size: int, config: ModelConfig, tokens: in
            **{n: p.grad[mine].clone() for n, p in moe.experts.named_parameters()}}
     sharded = copy.deepcopy(moe)
     sharded.zero_grad()
-    sharded.shard_experts(**(shard or {}))
+    ep.shard(sharded, **(shard or {}))
     rows = slice(rank * tokens, (rank + 1) * tokens)
     x = x_all[rows].clone().requires_grad_()
     y = sharded(x)
@@ -99,16 +100,16 @@ def layer_rank(rank: int, world_size: int, config: ModelConfig, tokens: int, ste
     Every step starts on a fresh timeline with the same time zero on all ranks (:func:`start_together`). Returns,
     for the last ``steps`` steps, this rank's ``events`` (a list per step), ``seconds`` (from time zero to the
     end of this rank's backward) and the last step's ``output``. ``wire`` is what the exchanges send
-    (:data:`moelab.ep.WIRES`)."""
+    (:data:`moelab.wire.WIRES`)."""
     torch.manual_seed(seed)
     device = rank_device()
     moe = MoE(config)
     skew_towards_rank0(moe, skew, world_size)
-    moe.to(device).shard_experts(wire=wire)
+    timeline = Timeline(cuda=device.type == "cuda")
+    ep.shard(moe.to(device), wire=wire, timeline=timeline)
     g = torch.Generator().manual_seed(seed * 1000 + rank)
     x = torch.randn(tokens, config.d_model, generator=g).to(device).requires_grad_()
     grad = torch.randn(tokens, config.d_model, generator=g).to(device)
-    moe.timeline = timeline = Timeline(cuda=x.is_cuda)
     events, seconds = [], []
     for step in range(warmup + steps):
         start_together(timeline)
@@ -120,30 +121,6 @@ def layer_rank(rank: int, world_size: int, config: ModelConfig, tokens: int, ste
     return {"tokens": tokens, "events": events, "seconds": seconds, "output": y.detach()}
 
 
-def lm_config(vocab_size: int, n_experts: int = 8) -> ModelConfig:
-    """The small MoE language model of notebook 05: 2 layers, ``n_experts`` experts of width 64, top-2, one shared
-    expert, DeepSeek-V3's sigmoid router balanced by the sequence-wise loss alone.
-
-    No aux-loss-free bias here: its update is ``γ · sign(mean load − load)``, a discrete function of the counts,
-    so a last-bit rounding difference between two parallel layouts that flips one token's choice can flip an
-    update and send the two runs apart (notebook 05, exercise 4); the comparison with one process is then no
-    longer exact. ``ep.train_step`` itself handles the bias (tests/test_ep.py)."""
-    return ModelConfig(vocab_size=vocab_size, block_size=64, n_layer=2, n_head=4, n_kv_head=2, d_model=64,
-                       n_routed_experts=n_experts, n_shared_experts=1, top_k=2, d_expert=64, router="sigmoid",
-                       seq_aux_coef=1e-3)
-
-
-def rank_batch(data: TextData, step: int, rank: int, batch_size: int, block_size: int, seed: int = 0):
-    """Rank ``rank``'s batch at ``step``: its own windows of the training text."""
-    return data.batch("train", batch_size, block_size, seed=seed * 10**6 + step * 1000 + rank)
-
-
-def global_batch(data: TextData, step: int, world_size: int, batch_size: int, block_size: int, seed: int = 0):
-    """All ranks' batches at ``step`` together, in rank order: what one process trains on to take the same step."""
-    xs, ys = zip(*(rank_batch(data, step, r, batch_size, block_size, seed) for r in range(world_size)))
-    return torch.cat(xs), torch.cat(ys)
-
-
 def train_rank(rank: int, world_size: int, config: ModelConfig, cfg: train.TrainConfig) -> dict:
     """Train ``config`` on the course corpus with data + expert parallelism, ``cfg.batch_size`` sequences per rank.
     Returns the loss per step (mean over ranks), the validation loss at the end, and the last step's timeline."""
@@ -151,24 +128,24 @@ def train_rank(rank: int, world_size: int, config: ModelConfig, cfg: train.Train
     torch.manual_seed(cfg.seed)
     model = Transformer(config).to(rank_device())
     for moe in model.moe_layers:
-        moe.shard_experts()
+        ep.shard(moe)
     opt = train.make_optimizer(model, cfg)
     timeline = Timeline(cuda=model.device.type == "cuda")
     losses = []
     for step in range(cfg.max_steps):
         last = step == cfg.max_steps - 1
         for moe in model.moe_layers:
-            moe.timeline = timeline if last else None
+            moe.dispatcher.set_timeline(timeline if last else None)
         for group in opt.param_groups:
             group["lr"] = train.lr_at(step, cfg)
         x, y = rank_batch(data, step, rank, cfg.batch_size, config.block_size, cfg.seed)
         if last:
             start_together(timeline)
-        loss, _ = ep.train_step(model, opt, x, y, cfg.grad_clip, timeline=timeline if last else None)
+        loss, _ = train.train_step(model, opt, x, y, cfg.grad_clip, timeline=timeline if last else None)
         dist.all_reduce(loss)                       # for the record: the mean of the ranks' losses
         losses.append(loss.item() / world_size)
     for moe in model.moe_layers:
-        moe.timeline = None
+        moe.dispatcher.set_timeline(None)
     val = train.evaluate(model, data, "val", cfg.batch_size, cfg.eval_batches)
     return {"loss": losses, "val": val, "events": timeline.to_list()}
 

@@ -12,13 +12,15 @@ hold four times the dense FFN's parameters and use as many per token as the dens
 agree within 0.2%). Both balance their load DeepSeek-V3's way (a sigmoid router with the aux-loss-free bias
 and a small sequence-wise loss).
 
-Every model is trained at each budget of ``--steps`` (default 1000 and 4000 steps: 4.6 and 18.2 passes over
-the training text), each with its own learning-rate schedule, with a progress bar and a checkpoint every 250
-steps in ``runs/moe_vs_dense/<steps>/``; a rerun resumes from there. At the shorter budgets the matched models
-are repeated with ``--seeds`` seeds (default 3), to show how much of a difference is noise. The results —
-curves, final and per-domain losses, parameter and FLOP counts, tokens/s, and for the longest budget the MoEs'
-routing statistics — go to ``data/results/moe_vs_dense.json``, and the fine-grained MoE of the longest budget
-to ``data/results/moe_vs_dense_fine.pt``, for notebooks/04_moe_vs_dense.ipynb.
+Every model is trained at each budget of ``--steps`` (default 1000 and 4000 steps: 4.6 and 18.2 passes over the
+training text), each with its own learning-rate schedule, with a progress bar and a checkpoint every 250 steps in
+``runs/moe_vs_dense/<steps>/`` under the current folder; a rerun resumes from there. At the shorter budgets the
+matched models are repeated with ``--seeds`` seeds (default 3), to show how much of a difference is noise. The
+results — curves, final and per-domain losses, parameter and FLOP counts, tokens/s, and for the longest budget the
+MoEs' routing statistics — go to ``results/moe_vs_dense.json`` beside this module (``--out`` writes elsewhere),
+and the fine-grained MoE of the longest budget to ``moe_vs_dense_fine.pt`` beside that. Both ship with the
+package, so that notebooks/04_moe_vs_dense.ipynb loads them (:func:`load_results`, :func:`load_trained`) wherever
+it runs.
 """
 from __future__ import annotations
 
@@ -26,42 +28,24 @@ import argparse
 import datetime
 import json
 import shutil
+from importlib import resources
 from pathlib import Path
 
 import torch
 
 from .. import notebook
 from ..analysis import domain_expert_information, routing_by_domain, top_expert_per_token
+from ..checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from ..config import ModelConfig
 from ..data import TextData, load_corpus
 from ..model import Transformer, flops_per_token, parameter_counts
-from ..train import (History, TrainConfig, atomic_write, domain_losses, load_checkpoint, model_from_state,
-                     save_checkpoint, train)
+from ..presets import COURSE_BASE, matched_configs
+from ..train import History, TrainConfig, domain_losses, model_from_state, train
 
-ROOT = Path(__file__).resolve().parents[3]
-RESULTS = ROOT / "data" / "results" / "moe_vs_dense.json"
-RUNS = ROOT / "runs" / "moe_vs_dense"
+RESULTS = Path(resources.files(__package__)) / "results" / "moe_vs_dense.json"   # package data, committed
+RUNS = Path("runs") / "moe_vs_dense"    # checkpoints, relative to the current folder (not committed)
 WEIGHTS = RESULTS.with_name("moe_vs_dense_fine.pt")   # the trained fine-grained MoE, weights only (~3.4 MB)
-BASE = dict(block_size=128, n_layer=4, n_head=4, n_kv_head=2, d_model=64)
-DENSE_WIDTH = 256                       # the active FFN width all three models share
-BALANCE = dict(router="sigmoid", bias_update_speed=0.001, seq_aux_coef=1e-4)
 LOAD_EVERY = 10                         # keep the expert load of every 10th step
-
-
-def matched_configs(vocab_size: int) -> dict[str, ModelConfig]:
-    """Dense, coarse and fine-grained models with equal active parameters (within 0.2%).
-
-    The fine-grained MoE is fixed first; its active FFN parameters per layer (8 experts of width ``F/8`` and a
-    router of 31 ``d_model``-vectors) set the target that the coarse experts' width and the dense width meet.
-    """
-    F, d = DENSE_WIDTH, BASE["d_model"]
-    fine = ModelConfig(vocab_size=vocab_size, **BASE, d_ff=F, n_routed_experts=31, n_shared_experts=1, top_k=7,
-                       d_expert=F // 8, **BALANCE)
-    active_ffn = (fine.top_k + fine.n_shared_experts) * 3 * d * fine.d_expert + fine.n_routed_experts * d
-    coarse = ModelConfig(vocab_size=vocab_size, **BASE, d_ff=F, n_routed_experts=8, top_k=2,
-                         d_expert=round((active_ffn - 8 * d) / (2 * 3 * d)), **BALANCE)
-    dense = ModelConfig(vocab_size=vocab_size, **BASE, d_ff=round(active_ffn / (3 * d)))
-    return {"dense": dense, "coarse": coarse, "fine": fine}
 
 
 def experiment_configs(vocab_size: int) -> dict[str, ModelConfig]:
@@ -71,7 +55,8 @@ def experiment_configs(vocab_size: int) -> dict[str, ModelConfig]:
     configs = matched_configs(vocab_size)
     fine = configs["fine"]
     total_ffn = (fine.n_routed_experts + fine.n_shared_experts) * 3 * fine.d_model * fine.d_expert
-    return {**configs, "wide": ModelConfig(vocab_size=vocab_size, **BASE, d_ff=round(total_ffn / (3 * fine.d_model)))}
+    return {**configs,
+            "wide": ModelConfig(vocab_size=vocab_size, **COURSE_BASE, d_ff=round(total_ffn / (3 * fine.d_model)))}
 
 
 def train_config(steps: int, seed: int = 0) -> TrainConfig:
@@ -132,6 +117,11 @@ def repeat_with_seeds(names: list[str], configs: dict[str, ModelConfig], steps: 
     return out
 
 
+def load_results(path: Path = RESULTS) -> dict:
+    """The results :func:`main` committed at ``path``, as plain JSON (read by notebooks/04_moe_vs_dense.ipynb)."""
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
 def load_trained(path: Path = WEIGHTS) -> Transformer:
     """The trained model whose weights :func:`main` committed at ``path``, in eval mode."""
     return model_from_state(load_checkpoint(path)).eval()
@@ -148,8 +138,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="training budgets in optimizer steps; each trains every model from scratch")
     parser.add_argument("--models", default="dense,coarse,fine,wide",
                         help="comma-separated subset of dense,coarse,fine,wide")
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--runs", type=Path, default=RUNS, help="checkpoint folder")
+    parser.add_argument("--out", type=Path, default=RESULTS,
+                        help="results JSON; the fine-grained model is written beside it (default: the package's)")
+    parser.add_argument("--runs", type=Path, default=RUNS, help="checkpoint folder (default: runs/moe_vs_dense)")
     parser.add_argument("--seeds", type=int, default=3,
                         help="seeds (initialisation and batch order) for the matched models at the shorter budgets")
     parser.add_argument("--fresh", action="store_true", help="delete the checkpoints and start over")

@@ -7,12 +7,12 @@ the simulated wall-clock. Methods (:data:`METHODS`):
 
 - ``ddp``: torch's DistributedDataParallel with its ``allreduce_hook`` — every step, every gradient, fp32;
 - ``fp16``, ``powersgd``: torch's ``fp16_compress_hook`` and ``powerSGD_hook``;
-- ``int8``: :func:`moelab.slowlink.int8_hook`, the INT8 all-reduce with error feedback;
+- ``int8``: :func:`moelab.ddp_hooks.int8_hook`, the INT8 all-reduce with error feedback;
 - ``local_sgd``: ``H`` AdamW steps alone, then the parameters averaged (an outer SGD step, lr 1, no momentum);
 - ``diloco``: ``H`` inner AdamW steps, then an outer Nesterov SGD step on the averaged pseudo-gradient;
 - ``diloco_int8``: the same with the INT8 all-reduce of the pseudo-gradients (INTELLECT-1's choice).
 
-Every DDP hook runs over :class:`~moelab.slowlink.LinkGroup`, every outer step over the same ring, so all bytes
+Every DDP hook runs over :class:`~moelab.ddp_hooks.LinkGroup`, every outer step over the same ring, so all bytes
 cross the emulated links and are counted per link class. Each method is also counted analytically from what it
 was asked to send (:func:`analytic_bytes`); the two agree exactly (tests/test_slowlink.py). The short runs of
 notebook 08 and the long runs of benchmarks/slow_link.py both come from here.
@@ -34,14 +34,16 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .. import train
 from ..collectives import ring_all_reduce
-from ..config import check, check_float, check_int
-from ..data import load_corpus
+from ..compression import int8_all_reduce, int8_message_bytes
+from ..config import check, check_int
+from ..data import load_corpus, rank_batch
+from ..ddp_hooks import BucketLog, Int8HookState, LinkGroup, int8_hook, logged, powersgd_sizes
+from ..diloco import outer_step
 from ..dist import rank_device
 from ..model import Transformer
-from ..network import FAST, SLOW, Link, Network, Topology, add_by_class
-from ..slowlink import (BucketLog, Int8HookState, LinkGroup, int8_all_reduce, int8_hook, int8_message_bytes,
-                        logged, outer_step, powersgd_sizes, ring_bytes)
-from .expert_parallel import lm_config, rank_batch
+from ..network import Network, add_by_class, ring_bytes
+from ..presets import lm_config
+from .two_tier import TwoTierRun
 
 METHODS = {
     "ddp": "DDP, fp32 all-reduce of every gradient every step",
@@ -54,59 +56,6 @@ METHODS = {
 }
 HOOKS = ("ddp", "fp16", "powersgd", "int8")
 BUCKET_MB = 25                      # DDP's default bucket size, given explicitly: one bucket for these models
-
-
-@dataclass(frozen=True)
-class TwoTierRun:
-    """Training on an emulated two-tier network, as notebooks 08 and 10 run it: ``steps`` optimizer steps at
-    ``batch_size`` sequences per rank per step, the inner AdamW schedule of :class:`~moelab.train.TrainConfig`
-    (``lr``, warmup over ``warmup_steps``), ``H`` inner steps per outer step, DiLoCo's outer Nesterov SGD
-    (``outer_lr``, ``outer_momentum``: OpenDiLoCo's lr 0.7, but momentum 0.5, not its 0.9, which needs more than
-    our 4–10 outer steps to settle: with 0.9 benchmarks/slow_link.py measures a worse final loss), the validation
-    loss every ``eval_every`` steps (a multiple of ``H``, so that the local methods have a global model to
-    evaluate), and the network: ``nodes`` × ``per_node`` ranks, ``intra`` links in a node, ``inter`` links between
-    nodes."""
-
-    steps: int = 100
-    batch_size: int = 16
-    lr: float = 3e-3
-    warmup_steps: int = 10
-    H: int = 25
-    outer_lr: float = 0.7
-    outer_momentum: float = 0.5
-    eval_every: int = 25
-    eval_batches: int = 8
-    nodes: int = 2
-    per_node: int = 2
-    intra: Link = FAST
-    inter: Link = SLOW
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        owner = type(self).__name__
-        for name in ("steps", "batch_size", "H", "eval_every", "eval_batches", "nodes", "per_node"):
-            check_int(owner, name, getattr(self, name))
-        for name in ("warmup_steps", "seed"):
-            check_int(owner, name, getattr(self, name), minimum=0)
-        check_float(owner, "outer_lr", self.outer_lr, 0.0, 10.0, low_open=True)
-        check_float(owner, "outer_momentum", self.outer_momentum, 0.0, 1.0, high_open=True)
-        check(self.eval_every % self.H == 0, owner, "eval_every", self.eval_every, f"allowed: a multiple of H = {self.H}")
-        check(self.steps % self.eval_every == 0, owner, "steps", self.steps,
-              f"allowed: a multiple of eval_every = {self.eval_every}")
-        self.train_config()                             # and the inner optimizer's settings are checked there
-
-    @property
-    def world_size(self) -> int:
-        return self.nodes * self.per_node
-
-    @property
-    def topology(self) -> Topology:
-        return Topology(self.nodes, self.per_node)
-
-    def train_config(self) -> train.TrainConfig:
-        """The inner (or only) optimizer's settings."""
-        return train.TrainConfig(max_steps=self.steps, batch_size=self.batch_size, lr=self.lr,
-                                 warmup_steps=self.warmup_steps, eval_batches=self.eval_batches, seed=self.seed)
 
 
 @dataclass(frozen=True)
@@ -161,8 +110,9 @@ class MethodState:
 
 
 def build(method: str, run: SlowLinkConfig, net: Network, log: BucketLog, vocab_size: int) -> MethodState:
-    """The model (seeded alike on every rank, on :func:`~moelab.dist.rank_device`) and, for ``method``: DDP with its hook over ``LinkGroup(net)``
-    (buckets logged in ``log``), or the global parameters, the outer SGD and the all-reduce over ``net``."""
+    """The model (seeded alike on every rank, on :func:`~moelab.dist.rank_device`) and, for ``method``: DDP with
+    its hook over ``LinkGroup(net)`` (buckets logged in ``log``), or the global parameters, the outer SGD and the
+    all-reduce over ``net``."""
     torch.manual_seed(run.seed)
     model = Transformer(lm_config(vocab_size)).to(rank_device())
     state = MethodState(model, train.make_optimizer(model, run.train_config()))
@@ -186,23 +136,15 @@ def build(method: str, run: SlowLinkConfig, net: Network, log: BucketLog, vocab_
     return state
 
 
-def train_step(state: MethodState, step: int, run: SlowLinkConfig, x: torch.Tensor, y: torch.Tensor) -> float:
+def method_step(state: MethodState, step: int, run: SlowLinkConfig, x: torch.Tensor, y: torch.Tensor) -> float:
     """One optimizer step on this rank's batch: through DDP (its hook averages the gradients), or alone, with
     an outer step after every ``H``-th. Returns this rank's loss."""
     cfg = run.train_config()
     for group in state.opt.param_groups:
         group["lr"] = train.lr_at(step, cfg)
-    if state.ddp is None:
-        loss, _ = train.train_step(state.model, state.opt, x, y, cfg.grad_clip)
-        if (step + 1) % run.H == 0:
-            outer_step(state.global_params, list(state.model.parameters()), state.outer_opt, state.all_reduce)
-        return loss.item()
-    _, loss = state.ddp(x.to(state.model.device), y.to(state.model.device))
-    state.opt.zero_grad(set_to_none=True)
-    (loss + state.model.aux_loss).backward()
-    torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.grad_clip)
-    state.opt.step()
-    state.model.after_step()
+    loss, _ = train.train_step(state.model, state.opt, x, y, cfg.grad_clip, forward=state.ddp)
+    if state.ddp is None and (step + 1) % run.H == 0:
+        outer_step(state.global_params, list(state.model.parameters()), state.outer_opt, state.all_reduce)
     return loss.item()
 
 
@@ -230,7 +172,7 @@ def run_method(rank: int, method: str, run: SlowLinkConfig, data) -> dict:
     evaluate(0)
     for step in range(run.steps):
         x, y = rank_batch(data, step, rank, run.batch_size, state.model.config.block_size, run.seed)
-        train_step(state, step, run, x, y)
+        method_step(state, step, run, x, y)
         if (step + 1) % run.eval_every == 0:
             evaluate(step + 1)
     n_params = sum(p.numel() for p in state.model.parameters())
