@@ -5,18 +5,50 @@ The tests judge the checks with the very answers the course publishes: every cod
 """
 import functools
 import json
+from collections.abc import Mapping
 from pathlib import Path
+
+import torch
 
 SOLUTIONS = Path(__file__).resolve().parents[1] / "notebooks" / "solutions"
 
 
 @functools.cache
-def load(name: str) -> dict:
+def _run(name: str) -> dict:
+    """Every code cell of the solution notebook in one namespace, with the caller's torch thread count kept.
+
+    The notebook's ``notebook.setup()`` sets the course's 2 threads; left in place, two pytest workers would run
+    4 threads on 2 cores.
+    """
     nb = json.loads((SOLUTIONS / name).read_text(encoding="utf-8"))
     namespace: dict = {}
-    for cell in nb["cells"]:
-        if cell["cell_type"] == "code":
-            source = "".join(cell["source"])
-            if not source.lstrip().startswith("%"):
-                exec(compile(source, f"{name}", "exec"), namespace)
+    threads = torch.get_num_threads()
+    try:
+        for cell in nb["cells"]:
+            if cell["cell_type"] == "code":
+                source = "".join(cell["source"])
+                if not source.lstrip().startswith("%"):
+                    exec(compile(source, f"{name}", "exec"), namespace)
+    finally:
+        torch.set_num_threads(threads)
     return namespace
+
+
+class _Solutions(Mapping):
+    """A solution notebook's namespace, run at the first lookup (so collecting the tests runs no notebook)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __getitem__(self, key: str):
+        return _run(self.name)[key]
+
+    def __iter__(self):
+        return iter(_run(self.name))
+
+    def __len__(self) -> int:
+        return len(_run(self.name))
+
+
+def load(name: str) -> Mapping:
+    return _Solutions(name)
