@@ -29,15 +29,45 @@ def test_every_notebook_and_only_they_have_exercises_and_solutions():
         assert sorted(p.name for p in (ROOT / "notebooks" / folder).glob("*.ipynb")) == NAMES, folder
 
 
+def is_stub(cell: dict) -> bool:
+    return cell["cell_type"] == "code" and "raise NotImplementedError" in source(cell)
+
+
+def is_heading(cell: dict) -> bool:
+    return cell["cell_type"] == "markdown" and source(cell).startswith("## ")
+
+
+def without_discussions(answers: list[dict], stubs: list[dict]) -> list[dict]:
+    """The solution notebook less the markdown cell, if any, that follows an answer and discusses its prediction."""
+    kept: list[dict] = []
+    for cell in answers:
+        follows_answer = 0 < len(kept) <= len(stubs) and is_stub(stubs[len(kept) - 1])
+        if follows_answer and cell["cell_type"] == "markdown" and not is_heading(cell):
+            continue
+        kept.append(cell)
+    return kept
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_nothing_between_an_exercise_and_the_next_gives_its_prediction_away(name):
+    stubs, _ = pair(name)
+    for i, cell in enumerate(stubs):
+        if is_stub(cell):
+            assert i + 1 < len(stubs) and is_heading(stubs[i + 1]), (
+                f"{name}: cell {i + 1} follows an exercise; only the next '## ' heading may (answers go in the "
+                "solutions)")
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_exercises_and_solutions_are_twins_that_differ_only_in_the_answers(name):
     stubs, answers = pair(name)
+    answers = without_discussions(answers, stubs)
     assert [c["cell_type"] for c in stubs] == [c["cell_type"] for c in answers]
     assert source(stubs[0]).startswith(f"# {name[:2]} · Exercises: ")
     assert source(answers[0]).startswith(f"# {name[:2]} · Solutions: ")
     assert f"../solutions/{name}" in source(stubs[0]) and f"../exercises/{name}" in source(answers[0])
     for stub, answer in zip(stubs[1:], answers[1:]):
-        if "raise NotImplementedError" not in source(stub):
+        if not is_stub(stub):
             assert source(stub) == source(answer)
     for nb in (stubs, answers):
         code = [c for c in nb if c["cell_type"] == "code"]
@@ -47,6 +77,7 @@ def test_exercises_and_solutions_are_twins_that_differ_only_in_the_answers(name)
 @pytest.mark.parametrize("name", NAMES)
 def test_stubs_store_their_not_implemented_error_and_solutions_pass(name):
     stubs, answers = pair(name)
+    answers = without_discussions(answers, stubs)
     checked = 0
     for stub, answer in zip(stubs, answers):
         if stub["cell_type"] != "code" or "raise NotImplementedError" not in source(stub):
