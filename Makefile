@@ -2,6 +2,8 @@
 #   make lab      install, then open JupyterLab on notebooks/ (127.0.0.1, token kept; LAB_PORT=8888)
 #   make test     install, then the linter, the unit tests and strict nbval over every notebook (two at a time)
 #   make test-fast  the linter and the unit tests not marked slow (no ranks, no training, no notebooks): ~1 minute
+#   make test-portable  every notebook again as a laptop without AVX-512 computes it (AVX2 kernels; 01 also on the
+#                 plain kernels), outputs compared portably (tests/nbval_portable.py); CI runs it after make test
 #   make execute  re-run every notebook (exercises and solutions too) in place exactly as the tests run it
 #   make bench    run every script in benchmarks/ (results in benchmarks/results/*.json), then update README
 #   make lock     re-resolve the pins of pyproject.toml in a scratch venv and rewrite constraints.txt
@@ -24,11 +26,11 @@ CHAPTERS := $(wildcard notebooks/[0-9][0-9]_*.ipynb)
 EXECUTE := --ExecutePreprocessor.timeout=600 --ExecutePreprocessor.record_timing=False \
   --NotebookExporter.preprocessors=nbconvert.preprocessors.CoalesceStreamsPreprocessor \
   --CoalesceStreamsPreprocessor.enabled=True
-LINT   := $(BIN)/ruff check src tests benchmarks
+LINT   := $(BIN)/ruff check src tests benchmarks conftest.py
 ROOT   := $(if $(filter 0,$(shell id -u 2>/dev/null)),--allow-root,)
 LAB_PORT ?= 8888
 
-.PHONY: lab test test-fast lint execute bench lock ui-test
+.PHONY: lab test test-fast test-portable lint execute bench lock ui-test
 
 $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -53,6 +55,18 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(LINT)
 	$(NB_ENV) $(BIN)/python -m pytest -m "not slow" tests
+
+# ATen's AVX2 kernels are what a CPU without AVX-512 runs; the plain (`default`) ones differ as an ARM laptop's do.
+# Notebook 01 resumes its checkpoint in runs/, so it is removed before (to train under these kernels) and after
+# (so that the next `make test` does not resume a run made under them).
+PORTABLE := $(NB_ENV) MOELAB_NBVAL=portable
+test-portable: $(STAMP)
+	rm -f runs/01_dense_baseline.pt
+	$(PORTABLE) ATEN_CPU_CAPABILITY=avx2 $(BIN)/python -m pytest $(XDIST) $(NBVAL) notebooks/exercises notebooks/solutions
+	$(PORTABLE) ATEN_CPU_CAPABILITY=avx2 $(BIN)/python -m pytest $(NBVAL) $(CHAPTERS)
+	rm -f runs/01_dense_baseline.pt
+	$(PORTABLE) ATEN_CPU_CAPABILITY=default $(BIN)/python -m pytest $(NBVAL) notebooks/01_dense_baseline.ipynb
+	rm -f runs/01_dense_baseline.pt
 
 execute: $(STAMP)
 	$(NB_ENV) $(BIN)/jupyter nbconvert --to notebook --execute --inplace $(EXECUTE) \

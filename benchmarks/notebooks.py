@@ -136,7 +136,8 @@ def main() -> None:
     print(f"{'case':42s} {'seconds':>8s}  details")
     for row in rows:
         details = {k: v for k, v in row.items() if k not in ("case", "seconds")}
-        print(f"{row['case']:42s} {row['seconds']:8.1f}  {details}")
+        seconds = f"{row['seconds']:8.1f}" if "seconds" in row else f"{'-':>8s}"
+        print(f"{row['case']:42s} {seconds}  {details}")
     write_result("notebooks", rows, targets, directory=Path(__file__).parent / "results", cpu_count=os.cpu_count())
 
 
