@@ -1,9 +1,10 @@
 # MoE Lab. The two commands are `make lab` and `make test`; every target creates .venv when it is missing.
 #   make lab      install, then open JupyterLab on notebooks/ (127.0.0.1, token kept; LAB_PORT=8888)
-#   make test     install, then the linter, the unit tests and strict nbval over every notebook (two at a time)
+#   make test     install, then the linter, the unit tests and nbval over every notebook (two at a time): exact on
+#                 the reference platform, portable elsewhere (tests/nbval_portable.py)
 #   make test-fast  the linter and the unit tests not marked slow (no ranks, no training, no notebooks): ~1 minute
 #   make test-portable  every notebook again as a laptop without AVX-512 computes it (AVX2 kernels; 01 also on the
-#                 plain kernels), outputs compared portably (tests/nbval_portable.py); CI runs it after make test
+#                 plain kernels), outputs compared portably (tests/nbval_portable.py)
 #   make execute  re-run every notebook (exercises and solutions too) in place exactly as the tests run it
 #   make bench    run every script in benchmarks/ (results in benchmarks/results/*.json), then update README
 #   make lock     re-resolve the pins of pyproject.toml in a scratch venv and rewrite constraints.txt

@@ -35,7 +35,9 @@ from nbval_portable import (  # noqa: E402
     cell_kind,
     compare_outputs,
     flatten,
+    is_float,
     last_digit,
+    value,
 )
 
 from moelab.bench import target, write_result  # noqa: E402
@@ -101,10 +103,10 @@ def moved(stored: list, computed: list, sanitize) -> tuple[float, bool, bool]:
                     words = True
                     continue
                 for s, c in zip(NUMBER.findall(line_a), NUMBER.findall(line_b)):
-                    u, v = float(s.replace(",", "")), float(c.replace(",", ""))
+                    u, v = value(s), value(c)
                     if u == v:
                         continue
-                    if "." in s or "e" in s.lower():
+                    if is_float(s):
                         spare = max(0.0, abs(u - v) - max(last_digit(s), last_digit(c)))
                         floats = max(floats, spare / max(abs(u), abs(v)))
                     else:

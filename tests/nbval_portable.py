@@ -98,11 +98,11 @@ def cell_kind(tags) -> str:
     return kinds[0] if kinds else "exact"
 
 
-def _value(token: str) -> float:
+def value(token: str) -> float:
     return float(token.replace(",", ""))
 
 
-def _is_float(token: str) -> bool:
+def is_float(token: str) -> bool:
     return "." in token or "e" in token.lower()
 
 
@@ -137,13 +137,13 @@ def compare_text(stored: str, computed: str, kind: str) -> str | None:
 
 def compare_numbers(stored: str, computed: str, tolerance: Tolerance) -> str | None:
     """None when two printed numbers agree within ``tolerance``; else what differs."""
-    if _is_float(stored) != _is_float(computed):
+    if is_float(stored) != is_float(computed):
         return f"{stored} stored, {computed} computed: one is an integer, the other not"
-    a, b = _value(stored), _value(computed)
+    a, b = value(stored), value(computed)
     if a == b:
         return None
     scale = max(abs(a), abs(b))
-    if not _is_float(stored):
+    if not is_float(stored):
         return f"{stored} stored, {computed} computed: integers (counts, bytes, shapes) must match"
     allowed = tolerance.rel * scale + max(last_digit(stored), last_digit(computed))
     if abs(a - b) <= allowed * (1 + 1e-9):
