@@ -1,19 +1,21 @@
 """The launcher: results in rank order, a rank's traceback on failure, a timeout on a hang, and no process left.
 
-The rank functions live at the top of this module so that spawned ranks can import it.
+Most rank functions live at the top of this module; those written as a notebook cell writes them travel by value.
 """
 import multiprocessing
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from moelab.dist import RankError, free_port, launch, main
+from moelab import sendable
+from moelab.dist import RankError, free_port, launch, main, max_ranks
 
 pytestmark = pytest.mark.slow            # spawns ranks, runs JupyterLab or installs: not in make test-fast
 
@@ -83,10 +85,6 @@ def test_a_rank_that_dies_without_reporting_is_named():
     assert no_children_left()
 
 
-def notebook_like():
-    pass
-
-
 @pytest.mark.parametrize("kwargs, message", [
     (dict(world_size=0), "world_size = 0 is not allowed; allowed: an integer >= 1"),
     (dict(world_size=2, backend="mpi"), "backend = 'mpi' is not allowed; allowed: 'gloo', 'nccl'"),
@@ -96,15 +94,99 @@ def test_bad_arguments_name_the_field_and_what_is_allowed(kwargs, message):
         launch(all_reduce_rank, **kwargs)
 
 
-def test_functions_spawned_ranks_cannot_import_are_refused_before_starting_anything(monkeypatch):
-    monkeypatch.setattr(notebook_like, "__module__", "__main__")
-    with pytest.raises(ValueError, match="defined in __main__ .* Allowed: a function at the top level of a module"):
-        launch(notebook_like, 2)
+CELL = "/tmp/ipykernel_0/cell_7.py"        # a file name as ipykernel compiles a cell to
 
-    def local(rank, world_size):
-        return rank
-    with pytest.raises(ValueError, match="inside a function"):
-        launch(local, 2)
+
+def notebook_cell(source: str) -> dict:
+    """Run ``source`` as a notebook cell runs: in ``__main__``'s namespace, compiled from a cell's file name."""
+    namespace = {"__name__": "__main__"}
+    exec(compile(source, CELL, "exec"), namespace)
+    return namespace
+
+
+SUM_CELL = """
+import torch
+import torch.distributed as dist
+SCALE = 10
+
+def scaled(x):
+    return x * SCALE
+
+def rank_sum(rank, world_size):
+    x = torch.tensor([float(rank + 1)])
+    dist.all_reduce(x)
+    assert rank != 1 or x.item() == 3, "rank 1 disagrees"
+    return scaled(x).item()
+"""
+
+
+FUNCTION_CELL = """
+import torch
+
+class Double(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return 2 * x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return 2 * grad
+
+def double_rank(rank, world_size):
+    x = torch.ones(2, requires_grad=True)
+    Double.apply(x).sum().backward()
+    return x.grad.tolist()
+"""
+
+
+def test_a_function_written_in_a_notebook_cell_runs_on_the_ranks_with_the_globals_it_reads():
+    cell = notebook_cell(SUM_CELL)
+    assert cell["rank_sum"].__module__ == "__main__"          # plain pickle could not send it
+    assert launch(cell["rank_sum"], 2, timeout=60) == [30.0, 30.0]
+    assert launch(lambda rank, world_size: rank * 10, 3, timeout=60) == [0, 10, 20]
+    cell = notebook_cell(FUNCTION_CELL)            # an autograd.Function's class refers to itself through Function
+    assert launch(cell["double_rank"], 2, timeout=60) == [[2.0, 2.0], [2.0, 2.0]]
+    assert no_children_left()
+
+
+def test_a_failing_notebook_function_shows_the_cells_lines(monkeypatch):
+    cell = notebook_cell(SUM_CELL.replace("x.item() == 3", "x.item() == 4"))
+    lines = SUM_CELL.splitlines(keepends=True)
+    monkeypatch.setattr(sendable, "cell_sources", lambda: {CELL: ("Cell In[7]", lines)})
+    with pytest.raises(RankError, match="rank 1 failed") as info:
+        launch(cell["rank_sum"], 2, timeout=60)
+    text = info.value.remote_traceback
+    assert "Cell In[7], line 12, in rank_sum" in text and 'assert rank != 1 or x.item() == 4, "rank 1 disagrees"' \
+        not in text and "x.item() == 3" in text            # the lines shown are the cell's, from the notebook
+    assert "AssertionError: rank 1 disagrees" in text and "cloudpickle" not in text
+    assert no_children_left()
+
+
+def test_what_cannot_be_sent_is_refused_before_starting_anything_naming_it():
+    cell = notebook_cell("def uses_undefined(rank, world_size):\n    return helper_never_defined(rank)\n")
+    with pytest.raises(NameError, match=r"reads globals that are not defined: helper_never_defined "
+                                        r"\(in uses_undefined\); the ranks would not have them either"):
+        launch(cell["uses_undefined"], 2)
+    lock = threading.Lock()
+    with pytest.raises(TypeError, match=r"rank_fn '.*<lambda>' cannot be sent to the ranks \(TypeError: cannot "
+                                        r"pickle '_thread.lock' object\)\. Allowed: functions"):
+        launch(lambda rank, world_size: lock.locked(), 2)
+    with pytest.raises(TypeError, match=r"args\[1\] cannot be sent to the ranks"):
+        launch(all_reduce_rank, 2, args=(1.0, lock))
+    assert not multiprocessing.active_children()
+
+
+def test_a_result_that_cannot_be_sent_back_is_named():
+    with pytest.raises(RankError, match=r"rank \d failed:(.|\n)*TypeError: the rank function returned a generator "
+                                        r"that cannot be sent back"):
+        launch(lambda rank, world_size: (i for i in range(rank)), 2, timeout=60)
+    assert no_children_left()
+
+
+def test_more_ranks_than_the_machine_holds_are_refused():
+    with pytest.raises(ValueError, match=rf"world_size = {max_ranks() + 1} is more ranks than this machine holds; "
+                                         rf"allowed: 1 to {max_ranks()}"):
+        launch(all_reduce_rank, max_ranks() + 1)
 
 
 def test_free_port_can_be_bound():
@@ -138,3 +220,17 @@ def test_the_same_rank_function_runs_under_torchrun():
                           capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "hello: 2 ranks, sum 3"
+
+
+def test_in_a_real_notebook_a_ranks_traceback_points_at_the_learners_cell():
+    nbformat = pytest.importorskip("nbformat")
+    from nbclient import NotebookClient
+    cells = ["import torch\nimport torch.distributed as dist\nfrom moelab.dist import launch",
+             "def rank_fn(rank, world_size):\n    x = torch.ones(1)\n    dist.all_reduce(x)\n    if rank == 1:\n"
+             "        raise ValueError(f'sum {x.item():.0f}')\n    return x.item()",
+             "try:\n    launch(rank_fn, 2, timeout=60)\nexcept Exception as error:\n    print(error)"]
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
+    NotebookClient(nb, timeout=120, kernel_name="moelab", shutdown_kernel="immediate").execute()
+    printed = nb.cells[2].outputs[0]["text"]
+    assert "rank 1 failed" in printed and "Cell In[2], line 5, in rank_fn" in printed
+    assert "raise ValueError(f'sum {x.item():.0f}')" in printed and "ValueError: sum 2" in printed

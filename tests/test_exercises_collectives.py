@@ -3,9 +3,12 @@ message that names the input and the mistake, and an unfilled stub's NotImplemen
 import math
 
 import pytest
+import torch
+import torch.distributed as dist
 from solutions import load
 
 from moelab import exercises
+from moelab.exercises import ranks
 
 NS = load("06_collectives.ipynb")
 SLOW_24 = "on input 1 of 11 (nbytes=1000000, p=24, link=Link(name='slow', alpha=0.005, beta=10000000.0))"
@@ -13,7 +16,6 @@ SLOW_24 = "on input 1 of 11 (nbytes=1000000, p=24, link=Link(name='slow', alpha=
 
 def test_the_published_solutions_pass():
     assert exercises.check_all_reduce_times(NS["all_reduce_times"])
-    assert exercises.check_chunk_sizes(NS["chunk_sizes"])
     assert exercises.check_hierarchical_time(NS["hierarchical_time"])
     assert exercises.check_wire_ratio(NS["wire_ratio"])
 
@@ -40,11 +42,64 @@ def test_ring_as_a_reduce_scatter_alone_fails_with_a_hint():
     assert "reduce-scatter and then an all-gather: 2(p−1) rounds" in repr(verdict)
 
 
-def test_remainder_on_the_last_chunk_fails_with_a_hint():
-    verdict = exercises.check_chunk_sizes(lambda n, p: [n // p] * (p - 1) + [n - (p - 1) * (n // p)])
-    assert repr(verdict) == ("✗ check_chunk_sizes: on input 1 of 12 (n=1001, p=4) the result[0] is 250, expected 251."
-                             " Hint: spread the remainder n mod p over the first chunks, one element each, not all on "
-                             "the last.")
+def shifted_ring(shift, split):
+    """A ring reduce-scatter that ends on chunk rank + shift, with chunks cut by ``split``."""
+    def ring_reduce_scatter(x):
+        rank, p = dist.get_rank(), dist.get_world_size()
+        chunks = list(split(x.clone(), p))
+        chunks += [x[:0].clone()] * (p - len(chunks))
+        for s in range(p - 1):
+            incoming = torch.empty_like(chunks[(rank - s - 2 + shift) % p])
+            NS["swap"](chunks[(rank - s - 1 + shift) % p].contiguous(), (rank + 1) % p, incoming, (rank - 1) % p)
+            chunks[(rank - s - 2 + shift) % p] += incoming
+        return chunks[(rank + shift) % p]
+    return ring_reduce_scatter
+
+
+@pytest.mark.slow
+def test_the_published_rank_code_passes():
+    assert exercises.check_ring_reduce_scatter(NS["ring_reduce_scatter"])
+
+
+@pytest.mark.slow
+def test_rank_code_with_the_wrong_chunk_or_torch_chunk_fails_naming_the_input_and_the_rank():
+    verdict = exercises.check_ring_reduce_scatter(shifted_ring(1, torch.tensor_split))
+    assert repr(verdict).startswith("✗ check_ring_reduce_scatter: on input 1 of 6 (2 ranks, x of 10 values) rank 0: "
+                                    "the result[0] is ")
+    assert repr(verdict).endswith("Hint: rank r must end with chunk r: in round s, send chunk r − s − 1 and add what "
+                                  "arrives into chunk r − s − 2.")
+    verdict = exercises.check_ring_reduce_scatter(shifted_ring(0, lambda t, p: t.chunk(p)))
+    assert repr(verdict).startswith("✗ check_ring_reduce_scatter: on input 3 of 6 (4 ranks, x of 10 values) rank 2: "
+                                    "the result has shape (3,), expected (2,). Hint: cut with torch.tensor_split")
+
+
+def one_rank_fails(x):
+    if dist.get_rank() == 1 and len(x) == 1001:
+        raise ValueError("chunk too long")
+    return NS["ring_reduce_scatter"](x)
+
+
+def one_rank_waits(x):
+    if dist.get_rank() == 0:
+        dist.barrier()                      # the others never come
+    return NS["ring_reduce_scatter"](x)
+
+
+@pytest.mark.slow
+def test_rank_code_that_raises_or_hangs_is_a_verdict_and_a_stub_is_not_judged(monkeypatch):
+    assert repr(exercises.check_ring_reduce_scatter(one_rank_fails)) == (
+        "✗ check_ring_reduce_scatter: on input 2 of 6 (3 ranks, x of 1001 values) rank 1: your function raised "
+        "ValueError: chunk too long")
+    monkeypatch.setattr(ranks, "TIMEOUT_S", 5.0)
+    assert repr(exercises.check_ring_reduce_scatter(one_rank_waits)) == (
+        "✗ check_ring_reduce_scatter: on 2 ranks, the ranks did not finish within 5 s: a collective that not every "
+        "rank calls, or a send without its receive?")
+    with pytest.raises(NotImplementedError, match="exercise 06.2: write ring_reduce_scatter"):
+        exercises.check_ring_reduce_scatter(NS_STUB)
+
+
+def NS_STUB(x):  # noqa: N802 — the stub as the exercise notebook has it
+    raise NotImplementedError("exercise 06.2: write ring_reduce_scatter")
 
 
 def test_the_whole_buffer_across_the_nodes_fails_with_a_hint():

@@ -2,6 +2,7 @@
 message that names the input and the mistake, and an unfilled stub's NotImplementedError reaches the learner."""
 import pytest
 import torch
+import torch.distributed as dist
 from solutions import load
 
 from moelab import exercises
@@ -13,6 +14,32 @@ def test_the_published_solutions_pass():
     assert exercises.check_dispatch_plan(NS["dispatch_plan"])
     assert exercises.check_expert_rows(NS["expert_rows"])
     assert exercises.check_payload_bytes(NS["payload_bytes"])
+
+
+@pytest.mark.slow
+def test_the_published_rank_code_passes():
+    assert exercises.check_all_to_all_backward(NS["all_to_all_backward"])
+
+
+def no_reverse_exchange(grad, send_splits, recv_splits):
+    return grad
+
+
+def forward_splits(grad, send_splits, recv_splits):
+    out = grad.new_empty(sum(recv_splits), grad.shape[1])
+    dist.all_to_all_single(out, grad.contiguous(), recv_splits, send_splits)
+    return out
+
+
+@pytest.mark.slow
+def test_a_backward_without_the_reverse_exchange_or_with_the_forward_splits_fails_naming_the_input_and_rank():
+    verdict = repr(exercises.check_all_to_all_backward(no_reverse_exchange))
+    assert verdict == ("✗ check_all_to_all_backward: on input 1 of 6 (2 ranks, splits random, rows of 3) rank 0: the "
+                       "result has shape (1, 3), expected (4, 3). Hint: the gradient of a received row belongs on the "
+                       "rank that sent the row: send the gradients back, one all-to-all the reverse way.")
+    verdict = repr(exercises.check_all_to_all_backward(forward_splits))
+    assert verdict.startswith("✗ check_all_to_all_backward: on input 1 of 6 (2 ranks, splits random, rows of 3) rank ")
+    assert "your function raised RuntimeError: Split sizes doesn't match" in verdict
 
 
 def test_the_toy_with_every_token_of_rank_1_on_expert_0():

@@ -10,7 +10,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "moelab"
 LAYERS = {                # each top-level module or subpackage of moelab, by layer, lowest first
     "core": {"config", "layers", "ffn", "router", "dispatch", "balance", "moe", "mla", "model", "notebook"},
-    "exchange": {"dist", "timeline", "network", "collectives", "quant", "wire", "exchange", "twohop", "ep"},
+    "exchange": {"sendable", "dist", "timeline", "network", "collectives", "quant", "wire", "exchange", "twohop", "ep"},
     "training": {"corpus", "data", "checkpoint", "train", "dp", "compression", "diloco", "ddp_hooks", "qexperts"},
     "analysis": {"presets", "sizing", "analysis", "viz", "bench", "exercises"},
     "experiments": {"experiments"},

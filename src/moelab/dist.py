@@ -4,8 +4,9 @@
 
 Each rank is a fresh process that joins a process group — gloo on CPU, NCCL when every rank has its own GPU — on
 a free local port, with a timeout on the group and on every collective, and one torch thread. It calls
-``rank_fn(rank, world_size, *args)`` and sends back what it returns. Because the processes are started fresh,
-``rank_fn`` must be importable: defined in a module, not in a notebook cell.
+``rank_fn(rank, world_size, *args)`` and sends back what it returns. The processes are started fresh, so the
+function and its arguments travel by value (:mod:`moelab.sendable`): one defined in a notebook cell runs on the ranks
+as it is, and a rank's traceback shows the cell's lines.
 
 The processes come from a *forkserver* where the platform has one (Linux, macOS): one server process, started
 with the first launch, imports torch once, and every rank is forked from it ready to run, in tens of milliseconds
@@ -37,9 +38,12 @@ import time
 import traceback
 from typing import Any, Callable
 
+import cloudpickle
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from moelab import sendable
 
 RankFn = Callable[..., Any]
 
@@ -81,15 +85,19 @@ def init_process_group(rank: int, world_size: int, backend: str, timeout: float)
                             timeout=datetime.timedelta(seconds=timeout))
 
 
+def max_ranks() -> int:
+    """How many gloo ranks this machine holds: four processes per CPU core (each has its own torch), at least 8."""
+    return max(8, 4 * (os.cpu_count() or 1))
+
+
 def _check(fn: RankFn, world_size: int, backend: str, timeout: float) -> None:
     if not callable(fn):
         raise TypeError(f"rank_fn must be a function, got {type(fn).__name__}")
-    if getattr(fn, "__module__", "__main__") == "__main__" or "<locals>" in getattr(fn, "__qualname__", ""):
-        raise ValueError(f"rank_fn {getattr(fn, '__qualname__', fn)!r} is defined in __main__ (a notebook cell or "
-                         f"a script) or inside a function; spawned ranks cannot import it. Allowed: a function "
-                         f"at the top level of a module, e.g. moelab.ep")
     if not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size = {world_size!r} is not allowed; allowed: an integer >= 1")
+    if backend == "gloo" and world_size > max_ranks():
+        raise ValueError(f"world_size = {world_size} is more ranks than this machine holds; allowed: 1 to "
+                         f"{max_ranks()} (4 processes per CPU core)")
     if backend not in ("gloo", "nccl"):
         raise ValueError(f"backend = {backend!r} is not allowed; allowed: 'gloo', 'nccl'")
     if backend == "nccl" and torch.cuda.device_count() < world_size:
@@ -99,25 +107,32 @@ def _check(fn: RankFn, world_size: int, backend: str, timeout: float) -> None:
         raise ValueError(f"timeout = {timeout!r} is not allowed; allowed: seconds > 0")
 
 
-def _rank_main(fn: RankFn, rank: int, world_size: int, args: tuple, port: int, backend: str, timeout: float,
-               threads: int, out: Any) -> None:
-    """Body of each rank process: join the group, run ``fn``, send back ("ok" | "error", rank, payload,
-    printed text)."""
+def _rank_main(blob: bytes, rank: int, world_size: int, port: int, backend: str, timeout: float, threads: int,
+               out: Any) -> None:
+    """Body of each rank process: join the group, run the function packed in ``blob``, send back
+    ("ok" | "error", rank, payload, printed text, time)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
     torch.set_num_threads(threads)
     printed = io.StringIO()
+    sources = {}
     try:
         with contextlib.redirect_stdout(printed):
+            fn, args, sources = sendable.unpack(blob)
             init_process_group(rank, world_size, backend, timeout)
             result = fn(rank, world_size, *args)
-        buffer = io.BytesIO()        # tensors as bytes: shared-memory handles would die with this process
-        torch.save(result, buffer)
-        out.put(("ok", rank, buffer.getvalue(), printed.getvalue(), time.time()))
+        out.put(("ok", rank, sendable.result_bytes(result, _save), printed.getvalue(), time.time()))
     except BaseException:  # noqa: BLE001 — everything a rank raises goes back to the caller
-        out.put(("error", rank, traceback.format_exc(), printed.getvalue(), time.time()))
+        out.put(("error", rank, sendable.relabel(traceback.format_exc(), sources), printed.getvalue(), time.time()))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _save(result: Any) -> bytes:
+    """Tensors as bytes (shared-memory handles would die with the rank), objects of notebook classes by value."""
+    buffer = io.BytesIO()
+    torch.save(result, buffer, pickle_module=cloudpickle)
+    return buffer.getvalue()
 
 
 def _stop(processes: list) -> None:
@@ -173,11 +188,12 @@ def launch(fn: RankFn, world_size: int, args: tuple = (), backend: str | None = 
     ranks are not all done after ``timeout`` seconds; no child process outlives the call."""
     backend = backend or default_backend(world_size)
     _check(fn, world_size, backend, timeout)
+    blob = sendable.pack(fn, tuple(args))
     ctx = rank_context()
     out = ctx.Queue()
     port = free_port()
     processes = [ctx.Process(target=_rank_main, daemon=True,
-                             args=(fn, rank, world_size, tuple(args), port, backend, timeout, threads, out))
+                             args=(blob, rank, world_size, port, backend, timeout, threads, out))
                  for rank in range(world_size)]
     results: dict[int, Any] = {}
     printed: dict[int, str] = {}

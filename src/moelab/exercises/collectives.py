@@ -2,8 +2,8 @@
 
 - :func:`check_all_reduce_times` — the α-β time of the ring and the halving-doubling all-reduce, against
   :func:`moelab.network.cost`;
-- :func:`check_chunk_sizes` — how the ring cuts a buffer into ``p`` chunks, against
-  :func:`moelab.collectives.chunk_sizes`;
+- :func:`check_ring_reduce_scatter` — rank code, on real gloo ranks: the ring reduce-scatter with uneven chunks,
+  against :func:`moelab.collectives.ring_reduce_scatter`;
 - :func:`check_hierarchical_time` — the α-β time of the two-level all-reduce on fast and slow links, against
   :func:`moelab.network.cost`;
 - :func:`check_wire_ratio` — the bytes of an FP8 row with its scales over its fp32 bytes, against
@@ -11,17 +11,20 @@
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 
-from ..collectives import chunk_sizes
+from ..collectives import ring_reduce_scatter
 from ..network import FAST, SLOW, Link, Topology, cost
 from ..quant import wire_ratio
 from .core import Verdict, case, run_check, seeded
+from .ranks import RankCase, run_rank_check
 
-__all__ = ["check_all_reduce_times", "check_chunk_sizes", "check_hierarchical_time", "check_wire_ratio"]
+__all__ = ["check_all_reduce_times", "check_ring_reduce_scatter", "check_hierarchical_time", "check_wire_ratio"]
 
 
 def _link(g: torch.Generator) -> Link:
@@ -69,22 +72,6 @@ def check_all_reduce_times(fn: Callable[[float, int, Link], tuple[float, float]]
               "each ring round sends one chunk, nbytes / p, not the whole buffer.")]
     return run_check("check_all_reduce_times", fn, _times, cases, "moelab.network.cost", rtol=1e-9, atol=0.0,
                      hints=hints)
-
-
-def check_chunk_sizes(fn: Callable[[int, int], list[int]]) -> Verdict:
-    """Exercise 06.2: ``fn(n, p) -> list[int]``, the sizes of the ``p`` chunks a ring cuts ``n`` elements into: they
-    differ by at most one and the larger come first (``torch.tensor_split``'s rule), so that every round of the
-    ring (Patarasuk & Yuan 2009) moves about ``n/p``. Checked against :func:`moelab.collectives.chunk_sizes`."""
-    g = seeded(61)
-    cases = [case(n=1001, p=4), case(n=10, p=4), case(n=3, p=5), case(n=0, p=3), case(n=8, p=1), case(n=12, p=4)]
-    for _ in range(6):
-        cases.append(case(n=int(torch.randint(0, 100_000, (), generator=g)),
-                          p=int(torch.randint(2, 65, (), generator=g))))
-    hints = [(lambda n, p: [n // p] * (p - 1) + [n - (p - 1) * (n // p)],
-              "spread the remainder n mod p over the first chunks, one element each, not all on the last."),
-             (lambda n, p: [n // p] * p, "the sizes must add up to n: the first n mod p chunks take one more."),
-             (lambda n, p: chunk_sizes(n, p)[::-1], "the larger chunks come first, as torch.tensor_split cuts.")]
-    return run_check("check_chunk_sizes", fn, chunk_sizes, cases, "moelab.collectives.chunk_sizes", hints=hints)
 
 
 def _hierarchical(nbytes: float, topology: Topology, intra: Link, inter: Link) -> float:
@@ -143,3 +130,41 @@ def check_wire_ratio(fn: Callable[[int, int], float]) -> Verdict:
              (lambda d, block: 0.25, "the fp32 scales travel with the values: 4 bytes per block."),
              (lambda d, block: _ratio(d, block) * 2, "the ratio is against fp32, 4 bytes a value, not bf16.")]
     return run_check("check_wire_ratio", fn, _ratio, cases, "moelab.quant.wire_ratio", hints=hints)
+
+
+def _scatter_inputs(rank: int, world: int, n: int, seed: int) -> dict:
+    return {"x": torch.randn(n, generator=seeded(1000 * seed + rank))}
+
+
+def _ring_reduce_scatter(x: torch.Tensor) -> torch.Tensor:
+    return ring_reduce_scatter(x)
+
+
+def _summed_chunk(shift: int, split: Callable[[torch.Tensor, int], tuple]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A wrong answer: the sum (gloo's all-reduce) cut by ``split``, chunk ``rank + shift`` of it."""
+    def wrong(x: torch.Tensor) -> torch.Tensor:
+        total = x.clone()
+        dist.all_reduce(total)
+        p = dist.get_world_size()
+        chunks = list(split(total, p))
+        chunks += [total[:0]] * (p - len(chunks))          # torch.chunk may make fewer than p
+        return chunks[(dist.get_rank() + shift) % p]
+    return wrong
+
+
+def check_ring_reduce_scatter(fn: Callable[[torch.Tensor], torch.Tensor]) -> Verdict:
+    """Exercise 06.2, rank code: ``fn(x) -> tensor``, on every rank: the ring reduce-scatter of the 1-D ``x``.
+
+    Cut ``x`` into ``p`` chunks as ``torch.tensor_split`` does (uneven when ``p`` does not divide ``len(x)``: the
+    first chunks are one longer), pass them around the ring on ``isend`` / ``irecv`` for ``p − 1`` rounds, adding
+    as they go, and return chunk ``rank`` of the sum over all ranks (Patarasuk & Yuan 2009). Run on 2–4 real gloo
+    ranks against :func:`moelab.collectives.ring_reduce_scatter`."""
+    plan = [(2, 10, 1), (3, 1001, 2), (4, 10, 3), (4, 3, 4), (3, 12, 5), (2, 1, 6)]
+    cases = [RankCase(world, functools.partial(_scatter_inputs, n=n, seed=seed), f"x of {n} values")
+             for world, n, seed in plan]
+    hints = [(_summed_chunk(1, torch.tensor_split), "rank r must end with chunk r: in round s, send chunk r − s − 1 "
+                                                    "and add what arrives into chunk r − s − 2."),
+             (_summed_chunk(0, lambda t, p: t.chunk(p)), "cut with torch.tensor_split: torch.chunk makes chunks of "
+                                                         "⌈n / p⌉ and fewer of them when p does not divide n.")]
+    return run_rank_check("check_ring_reduce_scatter", fn, _ring_reduce_scatter, cases,
+                           "moelab.collectives.ring_reduce_scatter", rtol=1e-5, atol=1e-5, hints=hints)

@@ -1,32 +1,38 @@
 """Checks for notebooks/exercises/05_expert_parallelism.ipynb: what the expert-parallel all-to-all sends, where.
 
-Every check runs in one process: the learner's function and moelab's get the routing of every rank at once, as
-the notebook's by-hand simulation does, and no process is started.
+The first three checks run in one process: the learner's function and moelab's get the routing of every rank at
+once, as the notebook's by-hand simulation does. The last is rank code, run on real gloo ranks (:mod:`.ranks`).
 
 - :func:`check_dispatch_plan` — the order in which a rank sends its (token, expert) rows and the split per
   destination rank, against moelab's sort (:func:`moelab.dispatch.assignments`, :func:`moelab.dispatch.permute`)
   as :func:`moelab.ep.expert_parallel` uses it;
 - :func:`check_expert_rows` — the rows each rank's experts process, from every rank's routing (the same plan);
 - :func:`check_payload_bytes` — the bytes of one MoE layer's dispatch and combine on a rank, against
-  :func:`moelab.sizing.moe_traffic`.
+  :func:`moelab.sizing.moe_traffic`;
+- :func:`check_all_to_all_backward` — rank code: the all-to-all's backward pass, the gradients sent back the
+  reverse way, against the backward of :func:`moelab.exchange.all_to_all`.
 
 Shapes: ``N`` tokens per rank, ``k`` choices per token, ``E`` experts, ``W`` ranks.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 
 from ..config import ModelConfig
 from ..dispatch import assignments, permute
+from ..exchange import all_to_all
 from ..quant import packed_bytes
 from ..router import Routing
 from ..sizing import moe_traffic
 from ..wire import FORMATS
 from .core import Verdict, case, run_check, seeded
+from .ranks import RankCase, run_rank_check
 
-__all__ = ["check_dispatch_plan", "check_expert_rows", "check_payload_bytes"]
+__all__ = ["check_dispatch_plan", "check_expert_rows", "check_payload_bytes", "check_all_to_all_backward"]
 
 
 def _plan(indices: torch.Tensor, n_experts: int, world: int) -> tuple[torch.Tensor, list[int]]:
@@ -156,3 +162,62 @@ def check_payload_bytes(fn: Callable[[int, int, int, str, str], dict[str, int]])
              (lambda tokens, top_k, d_model, dispatch, combine: _payload(tokens, 1, d_model, dispatch, combine),
               "every token sends top_k rows, one per chosen expert.")]
     return run_check("check_payload_bytes", fn, _payload, cases, "moelab.sizing.moe_traffic", hints=hints)
+
+
+def _splits(rank: int, world: int, seed: int, pattern: str) -> tuple[list[int], list[int]]:
+    """This rank's send and receive splits from one matrix every rank draws alike: ``m[i][j]`` rows go from rank
+    ``i`` to rank ``j``; ``pattern`` ``"random"`` (0–3 rows, some empty), ``"to rank 0"`` (every row goes to rank
+    0) or ``"rank 0 silent"`` (rank 0 sends nothing)."""
+    m = torch.randint(0, 4, (world, world), generator=seeded(seed))
+    if pattern == "to rank 0":
+        m[:, 1:] = 0
+    elif pattern == "rank 0 silent":
+        m[0] = 0
+    return m[rank].tolist(), m[:, rank].tolist()
+
+
+def _backward_inputs(rank: int, world: int, seed: int, pattern: str, d: int) -> dict:
+    send, recv = _splits(rank, world, seed, pattern)
+    grad = torch.randn(sum(recv), d, generator=seeded(1000 * seed + rank))
+    return {"grad": grad, "send_splits": send, "recv_splits": recv}
+
+
+def _all_to_all_backward(grad: torch.Tensor, send_splits: list[int], recv_splits: list[int]) -> torch.Tensor:
+    """moelab's differentiable all-to-all, run backward: the gradient of the rows this rank sent."""
+    x = torch.zeros(sum(send_splits), grad.shape[1], requires_grad=True)
+    all_to_all(x, send_splits, recv_splits).backward(grad)
+    return x.grad
+
+
+def _wrong_forward_again(grad: torch.Tensor, send_splits: list[int], recv_splits: list[int]) -> torch.Tensor:
+    """The gradients sent with the forward's splits (where the sizes let it run; a hint must not raise)."""
+    if sum(send_splits) != sum(recv_splits):
+        return torch.full((sum(send_splits), grad.shape[1]), float("nan"))
+    return _exchange(grad, send_splits, recv_splits)
+
+
+def _exchange(rows: torch.Tensor, send_splits: list[int], recv_splits: list[int]) -> torch.Tensor:
+    """``rows`` split by ``send_splits`` over the ranks, received by ``recv_splits`` (no gradient)."""
+    out = rows.new_empty(sum(recv_splits), rows.shape[1])
+    dist.all_to_all_single(out, rows.contiguous(), recv_splits, send_splits)
+    return out
+
+
+def check_all_to_all_backward(fn: Callable[[torch.Tensor, list[int], list[int]], torch.Tensor]) -> Verdict:
+    """Exercise 05.4, rank code: ``fn(grad, send_splits, recv_splits) -> tensor``, on every rank.
+
+    In the forward pass this rank sent ``send_splits[j]`` rows to rank ``j`` and received ``recv_splits[j]`` rows
+    from rank ``j``, in rank order. ``grad`` ``(sum(recv_splits), d)`` is the gradient of the rows it received;
+    return the gradient of the rows it sent, ``(sum(send_splits), d)``, in the order it sent them. Run on 2–4 real
+    gloo ranks against the backward pass of :func:`moelab.exchange.all_to_all`."""
+    plan = [(2, 1, "random", 3), (3, 2, "random", 4), (4, 3, "random", 2), (4, 4, "to rank 0", 3),
+            (3, 5, "rank 0 silent", 2), (2, 6, "random", 1)]
+    cases = [RankCase(world, functools.partial(_backward_inputs, seed=seed, pattern=pattern, d=d),
+                      f"splits {pattern}, rows of {d}") for world, seed, pattern, d in plan]
+    hints = [(lambda grad, send_splits, recv_splits: grad,
+              "the gradient of a received row belongs on the rank that sent the row: send the gradients back, "
+              "one all-to-all the reverse way."),
+             (_wrong_forward_again, "backward sends with the splits swapped: send recv_splits[j] rows to rank j, "
+                                    "receive send_splits[j] from it.")]
+    return run_rank_check("check_all_to_all_backward", fn, _all_to_all_backward, cases,
+                          "the backward pass of moelab.exchange.all_to_all", hints=hints)
