@@ -1,23 +1,29 @@
 """How far the notebooks' printed numbers move on other CPUs: the measurements behind tests/nbval_portable.py.
 
-    python benchmarks/portable.py              # every notebook under AVX2 kernels, the training ones also under default
-    python benchmarks/portable.py --reuse      # compare again the notebooks the last run executed (after a re-tag)
+    python benchmarks/portable.py                        # every notebook under ATen's plain (default) kernels
+    python benchmarks/portable.py --against c7f3a95      # also: the outputs that revision stored, from another CPU
+    python benchmarks/portable.py --reuse                # compare again the notebooks the last run executed
 
-ATen picks its vector kernels at start-up; ``ATEN_CPU_CAPABILITY=avx2`` gives what a CPU without AVX-512 runs and
-``default`` the plain C++ kernels (as different again as an ARM laptop's). Each notebook is executed as
-``make test`` runs it (same kernel, progress bars off, 2 threads) in a scratch copy of notebooks/ with an empty
-runs/, so no checkpoint made on this machine is resumed. Every compared cell is then set against its stored
-output, skipping what nbval skips (images among them): for each float that moved, how far beyond one unit of its
-last printed digit (relative), by cell kind; whether an integer or a line's words moved.
+The stored outputs were recorded with the kernels named in notebooks/reference_platform.json. ATen picks its vector
+kernels at start-up, and ``ATEN_CPU_CAPABILITY`` overrides the choice: ``default`` gives the plain C++ kernels (as
+different again as an ARM laptop's), ``avx2`` what a CPU without AVX-512 runs. Each notebook is executed as
+``make test`` runs it (same kernels, progress bars off, 2 threads) in a scratch copy of notebooks/ with an empty
+runs/, so no checkpoint made on this machine is resumed. ``--against REV`` adds outputs recorded on a real other
+CPU: those a past revision stored, cell by cell where the cell's source is unchanged. Every compared cell is then set
+against its stored output, skipping what nbval skips (images among them): for each float that moved, how far beyond
+one unit of its last printed digit (relative), by cell kind; whether an integer or a line's words moved.
 Targets: every notebook passes the portable comparison; each kind's tolerance is at most twice the largest
 difference measured for it. Writes benchmarks/results/portable.json.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
+import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,13 +36,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from nbval_portable import (  # noqa: E402
     NBVAL_SKIP,
-    NUMBER,
     TOLERANCES,
     cell_kind,
+    changed_lines,
     compare_outputs,
     flatten,
     is_float,
     last_digit,
+    reference_platform,
     value,
 )
 
@@ -45,9 +52,6 @@ from moelab.bench import target, write_result  # noqa: E402
 SCRATCH = ROOT / "build" / "portable"
 NB_ENV = {"TQDM_DISABLE": "1", "MOELAB_THREADS": "2", "PYTHONHASHSEED": "0"}  # as in the Makefile
 NOTEBOOKS = sorted(p.relative_to(ROOT / "notebooks").as_posix() for p in ROOT.glob("notebooks/**/*.ipynb"))
-TRAINING = ["01_dense_baseline.ipynb", "03_load_balancing.ipynb", "04_moe_vs_dense.ipynb",
-            "05_expert_parallelism.ipynb", "06_collectives.ipynb", "08_slow_link_training.ipynb", "10_capstone.ipynb"]
-PLAN = {"avx2": NOTEBOOKS, "default": TRAINING}
 SKIP = NBVAL_SKIP + ("image/png", "image/jpeg")  # nbval compares images only with --nbdime
 
 
@@ -94,15 +98,11 @@ def moved(stored: list, computed: list, sanitize) -> tuple[float, bool, bool]:
             words = True
             continue
         for x, y in zip(a[field], b[field]):
-            xs, ys = x.split("\n"), y.split("\n")
-            if len(xs) != len(ys):
-                words = True
-                continue
-            for line_a, line_b in zip(xs, ys):
-                if NUMBER.sub("#", line_a) != NUMBER.sub("#", line_b):
+            for _, _, _, numbers in changed_lines(x, y):
+                if numbers is None:
                     words = True
                     continue
-                for s, c in zip(NUMBER.findall(line_a), NUMBER.findall(line_b)):
+                for s, c in numbers:
                     u, v = value(s), value(c)
                     if u == v:
                         continue
@@ -114,12 +114,12 @@ def moved(stored: list, computed: list, sanitize) -> tuple[float, bool, bool]:
     return floats, ints, words
 
 
-def compare(stored_path: Path, computed_path: Path, sanitize) -> list[dict]:
-    """One row per compared code cell whose output moved."""
-    stored, computed = nbformat.read(stored_path, as_version=4), nbformat.read(computed_path, as_version=4)
+def compare(stored: nbformat.NotebookNode, computed: nbformat.NotebookNode, sanitize) -> list[dict]:
+    """One row per compared code cell whose output moved (cells whose source differs are not compared)."""
     rows = []
     for i, (s, c) in enumerate(zip(stored.cells, computed.cells)):
-        if s.cell_type != "code" or s.source.lstrip().startswith("# NBVAL_IGNORE_OUTPUT") or s.execution_count is None:
+        if (s.cell_type != "code" or s.source != c.source or s.source.lstrip().startswith("# NBVAL_IGNORE_OUTPUT")
+                or s.execution_count is None):
             continue
         ref = transform_streams_for_comparison(s.outputs)
         out = transform_streams_for_comparison(coalesce_streams(c.outputs))
@@ -134,25 +134,52 @@ def compare(stored_path: Path, computed_path: Path, sanitize) -> list[dict]:
     return rows
 
 
+def at_revision(rev: str, path: str) -> str:
+    return subprocess.run(["git", "show", f"{rev}:{path}"], cwd=ROOT, check=True, capture_output=True,
+                          text=True).stdout
+
+
+def recorded_elsewhere(rev: str):
+    """(platform, notebook name, the notebook as stored at ``rev``) for each notebook that exists there."""
+    platform = json.loads(at_revision(rev, "notebooks/reference_platform.json"))["cpu_capability"]
+    listed = subprocess.run(["git", "ls-tree", "-r", "--name-only", rev, "notebooks"], cwd=ROOT, check=True,
+                            capture_output=True, text=True).stdout.split()
+    for name in NOTEBOOKS:
+        if f"notebooks/{name}" in listed:
+            yield f"{platform} at {rev}", name, nbformat.reads(at_revision(rev, f"notebooks/{name}"), as_version=4)
+
+
+def executed_here(capabilities: list[str], reuse: bool):
+    """(kernels, notebook name, the notebook run here under them) for each capability and notebook."""
+    for capability in capabilities:
+        tree = SCRATCH / capability if reuse else scratch_tree(capability)
+        for name in NOTEBOOKS:
+            path = tree / "notebooks" / name
+            seconds = None if reuse else round(execute(path, capability), 1)
+            yield capability, name, nbformat.read(path, as_version=4), seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kernels", nargs="+", default=["default"], choices=["default", "avx2", "avx512"],
+                        help="ATen CPU capabilities to run every notebook under (default: default)")
     parser.add_argument("--reuse", action="store_true", help="compare the notebooks executed by the last run")
+    parser.add_argument("--against", metavar="REV", help="also compare with the outputs stored at git revision REV "
+                        "(recorded on the platform named in its reference_platform.json)")
     args = parser.parse_args()
     sanitize = sanitizer()
     rows, largest = [], {kind: 0.0 for kind in TOLERANCES}
-    for capability, names in PLAN.items():
-        tree = SCRATCH / capability if args.reuse else scratch_tree(capability)
-        for name in names:
-            seconds = None if args.reuse else round(execute(tree / "notebooks" / name, capability), 1)
-            cells = compare(ROOT / "notebooks" / name, tree / "notebooks" / name, sanitize)
-            for cell in cells:
-                largest[cell["kind"]] = max(largest[cell["kind"]], cell["float_rel_beyond_last_digit"])
-            failed = [c for c in cells if not c["passes"]]
-            rows.append({"case": f"{capability}: {name}", "seconds": seconds, "cells_moved": len(cells),
-                         "cells_failing": len(failed), "moved": cells})
-            print(f"{capability:8s} {name:45s} {len(cells):3d} cells moved, {len(failed)} failing", flush=True)
-            for c in failed:
-                print(f"    cell {c['cell']} ({c['kind']}): {c['problem'][:400]}")
+    runs = [(case, name, nb, None) for case, name, nb in recorded_elsewhere(args.against)] if args.against else []
+    for case, name, computed, seconds in itertools.chain(runs, executed_here(args.kernels, args.reuse)):
+        cells = compare(nbformat.read(ROOT / "notebooks" / name, as_version=4), computed, sanitize)
+        for cell in cells:
+            largest[cell["kind"]] = max(largest[cell["kind"]], cell["float_rel_beyond_last_digit"])
+        failed = [c for c in cells if not c["passes"]]
+        rows.append({"case": f"{case}: {name}", "seconds": seconds, "cells_moved": len(cells),
+                     "cells_failing": len(failed), "moved": cells})
+        print(f"{case:16s} {name:45s} {len(cells):3d} cells moved, {len(failed)} failing", flush=True)
+        for c in failed:
+            print(f"    cell {c['cell']} ({c['kind']}): {c['problem'][:400]}")
     targets = [target("notebooks failing the portable comparison", sum(r["cells_failing"] > 0 for r in rows),
                       "<=", 0)]
     for kind, tol in TOLERANCES.items():
@@ -161,7 +188,7 @@ def main() -> None:
                                   100 * tol.rel, "<=", round(200 * largest[kind], 4)))
     write_result("portable", rows, targets, directory=Path(__file__).parent / "results",
                  largest_moves=largest, tolerances={k: vars(t) for k, t in TOLERANCES.items()},
-                 plan={k: len(v) for k, v in PLAN.items()})
+                 reference=reference_platform(), kernels=args.kernels, against=args.against)
 
 
 if __name__ == "__main__":

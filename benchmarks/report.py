@@ -33,6 +33,7 @@ def notebooks_block(r: dict) -> str:
              f"| every notebook executes | ≤ 120 s | {times} | {yes(met)} |"]
     for command, label in (("make test", "`make test` on a fresh clone, install included (pip cache off)"),
                            ("make test-fast", "then `make test-fast` in that clone (the developer's loop)"),
+                           ("make test-portable", "then `make test-portable` in that clone (other CPU kernels)"),
                            ("make ui-test", "then `make ui-test` in that clone, `npm ci` included (as `.ci/run`)")):
         row = next((row for row in r["rows"] if row["case"].startswith(command + " ")), None)
         goal = next((t for t in r["targets"] if t["name"].startswith(command + " ")), None)

@@ -113,22 +113,34 @@ def last_digit(token: str) -> float:
     return 10.0 ** (int(exponent or 0) - decimals)
 
 
+def changed_lines(stored: str, computed: str):
+    """Each line that differs: (line number, stored, computed, its pairs of numbers, or None when words differ too).
+
+    A different number of lines is one change, numbered 0, that says so.
+    """
+    stored_lines, computed_lines = stored.split("\n"), computed.split("\n")
+    if len(stored_lines) != len(computed_lines):
+        yield 0, f"{len(stored_lines)} lines", f"{len(computed_lines)} lines", None
+        return
+    for n, (a, b) in enumerate(zip(stored_lines, computed_lines), 1):
+        if a != b:
+            same_words = NUMBER.sub("#", a) == NUMBER.sub("#", b)
+            yield n, a, b, list(zip(NUMBER.findall(a), NUMBER.findall(b))) if same_words else None
+
+
 def compare_text(stored: str, computed: str, kind: str) -> str | None:
     """None when ``computed`` matches ``stored`` for a cell of ``kind``; else the first difference, in words."""
     tolerance = TOLERANCES[kind]
-    if stored == computed or tolerance.rel is None:
+    if tolerance.rel is None:
         return None
-    stored_lines, computed_lines = stored.split("\n"), computed.split("\n")
-    if len(stored_lines) != len(computed_lines):
-        return f"{len(computed_lines)} lines computed, {len(stored_lines)} stored"
-    for n, (a, b) in enumerate(zip(stored_lines, computed_lines), 1):
-        if a == b:
-            continue
+    for n, a, b, numbers in changed_lines(stored, computed):
+        if n == 0:
+            return f"{b} computed, {a} stored"
         if kind == "exact":
             return f"line {n} differs, in a cell compared exactly everywhere:\n  stored:   {a}\n  computed: {b}"
-        if NUMBER.sub("#", a) != NUMBER.sub("#", b):
+        if numbers is None:
             return f"line {n} differs in its text:\n  stored:   {a}\n  computed: {b}"
-        for x, y in zip(NUMBER.findall(a), NUMBER.findall(b)):
+        for x, y in numbers:
             problem = compare_numbers(x, y, tolerance)
             if problem:
                 return f"line {n}, {problem} (kind {kind!r}):\n  stored:   {a}\n  computed: {b}"

@@ -69,7 +69,7 @@ def test_a_training_loss_may_move_in_its_last_digits_but_not_by_five_percent():
 @pytest.mark.parametrize("kind", [k for k, t in TOLERANCES.items() if t.rel is not None])
 def test_every_compared_kind_fails_a_changed_line_of_text_or_a_missing_line(kind):
     assert compare_text(TRAINED, TRAINED.replace("val", "test"), kind).startswith("line 1 differs")
-    assert compare_text(TRAINED, TRAINED.split("\n")[0], kind) == "1 lines computed, 2 stored"
+    assert compare_text(TRAINED, TRAINED.split("\n")[0], kind) == "1 lines computed, 2 lines stored"
 
 
 @pytest.mark.parametrize("kind", ["exact", "trained", "noisy"])
