@@ -3,6 +3,8 @@ message that names the input and the mistake, and an unfilled stub's NotImplemen
 import math
 
 import pytest
+import torch
+import torch.distributed as dist
 from solutions import load
 
 from moelab import exercises
@@ -13,7 +15,6 @@ NS = load("10_capstone.ipynb")
 def test_the_published_solutions_pass():
     assert exercises.check_copies_across(NS["copies_across"])
     assert exercises.check_row_bytes(NS["row_bytes"])
-    assert exercises.check_ring_bytes_across(NS["ring_bytes_across"])
 
 
 def test_counting_choices_instead_of_copies_fails_on_the_notebook_example():
@@ -39,17 +40,51 @@ def test_fp8_rows_without_scales_or_entirely_in_fp8_fail_with_their_hints():
     assert "only the forward dispatch is FP8" in repr(all_fp8)
 
 
-def test_ring_bytes_counting_every_rank_or_one_phase_fail_with_their_hints():
-    def every_rank(n, nodes, per_node):
-        p = nodes * per_node
-        return p * 2 * (p - 1) * 4 * n // p if n % p == 0 else 0
+@pytest.mark.slow
+def test_the_published_rank_code_passes():
+    assert exercises.check_first_hop(NS["first_hop"])
 
-    assert "only the ranks whose right neighbour" in repr(exercises.check_ring_bytes_across(every_rank))
-    half = exercises.check_ring_bytes_across(
-        lambda n, nodes, per_node: NS["ring_bytes_across"](n, nodes, per_node) // 2)
-    assert repr(half).startswith("✗ check_ring_bytes_across: on input 1 of 10 (n=1000, nodes=2, per_node=2) the "
-                                 "result is 6,000, expected 12,000.")
-    assert "2(p−1) rounds" in repr(half)
+
+def to_local_index_zero(x, indices, per_node, experts_per_node):
+    """Every copy to the first rank of its node."""
+    T, k = indices.shape
+    token = torch.arange(T).repeat_interleave(k)
+    pair = torch.unique(indices.flatten() // experts_per_node * T + token)
+    token, peer = pair % T, pair // T * per_node
+    send = torch.bincount(peer, minlength=dist.get_world_size())
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send)
+    rows = x.new_empty(int(recv.sum()), x.shape[1])
+    dist.all_to_all_single(rows, x[token], recv.tolist(), send.tolist())
+    return rows
+
+
+def per_choice(x, indices, per_node, experts_per_node):
+    """The flat dispatch: one row per choice, to the expert's rank."""
+    token = torch.arange(len(indices)).repeat_interleave(indices.shape[1])
+    expert = indices.flatten()
+    order = expert.argsort(stable=True)
+    peer = expert[order] // (experts_per_node // per_node)
+    send = torch.bincount(peer, minlength=dist.get_world_size())
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send)
+    rows = x.new_empty(int(recv.sum()), x.shape[1])
+    dist.all_to_all_single(rows, x[token[order]], recv.tolist(), send.tolist())
+    return rows
+
+
+@pytest.mark.slow
+def test_a_first_hop_to_the_wrong_peer_or_per_choice_fails_naming_the_input_and_rank():
+    verdict = repr(exercises.check_first_hop(to_local_index_zero))
+    assert verdict.startswith("✗ check_first_hop: on input 2 of 5 (2 ranks, 2 per node, top-3 of 4 experts per node, "
+                              "4 tokens) rank ")
+    assert verdict.endswith("Hint: send each copy to the rank with your own local index on its node (rank % "
+                            "per_node), so that every rank has one peer per node.")
+    verdict = repr(exercises.check_first_hop(per_choice))
+    assert verdict.startswith("✗ check_first_hop: on input 1 of 5 (2 ranks, 1 per node, top-2 of 4 experts per node, "
+                              "6 tokens) rank ")
+    assert verdict.endswith("Hint: one copy per (token, node), not one row per chosen expert: that is the flat "
+                            "dispatch.")
 
 
 def test_an_unfilled_stub_raises_to_the_learner():

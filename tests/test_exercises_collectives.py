@@ -69,7 +69,7 @@ def test_rank_code_with_the_wrong_chunk_or_torch_chunk_fails_naming_the_input_an
     assert repr(verdict).endswith("Hint: rank r must end with chunk r: in round s, send chunk r − s − 1 and add what "
                                   "arrives into chunk r − s − 2.")
     verdict = exercises.check_ring_reduce_scatter(shifted_ring(0, lambda t, p: t.chunk(p)))
-    assert repr(verdict).startswith("✗ check_ring_reduce_scatter: on input 3 of 6 (4 ranks, x of 10 values) rank 2: "
+    assert repr(verdict).startswith("✗ check_ring_reduce_scatter: on input 5 of 6 (4 ranks, x of 10 values) rank 2: "
                                     "the result has shape (3,), expected (2,). Hint: cut with torch.tensor_split")
 
 
@@ -88,7 +88,7 @@ def one_rank_waits(x):
 @pytest.mark.slow
 def test_rank_code_that_raises_or_hangs_is_a_verdict_and_a_stub_is_not_judged(monkeypatch):
     assert repr(exercises.check_ring_reduce_scatter(one_rank_fails)) == (
-        "✗ check_ring_reduce_scatter: on input 2 of 6 (3 ranks, x of 1001 values) rank 1: your function raised "
+        "✗ check_ring_reduce_scatter: on input 3 of 6 (3 ranks, x of 1001 values) rank 1: your function raised "
         "ValueError: chunk too long")
     monkeypatch.setattr(ranks, "TIMEOUT_S", 5.0)
     assert repr(exercises.check_ring_reduce_scatter(one_rank_waits)) == (

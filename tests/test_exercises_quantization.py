@@ -4,9 +4,10 @@ import math
 
 import pytest
 import torch
+import torch.distributed as dist
 from solutions import load
 
-from moelab import exercises
+from moelab import exercises, quant
 
 NS = load("07_quantization.ipynb")
 
@@ -14,7 +15,6 @@ NS = load("07_quantization.ipynb")
 def test_the_published_solutions_pass():
     assert exercises.check_quantize_int8(NS["quantize_int8"])
     assert exercises.check_round_trip_error(NS["round_trip_error"])
-    assert exercises.check_packed_bytes(NS["packed_bytes"])
 
 
 def test_a_float32_quantize_int8_passes_too():
@@ -101,16 +101,33 @@ def test_round_trip_error_as_a_mean_relative_error_fails_with_a_hint():
     assert "✗ check_round_trip_error: on input 1 of 8" in verdict and "not the mean of |diff| / |x|" in verdict
 
 
-def test_packed_bytes_with_whole_tiles_only_fails_with_a_hint():
-    verdict = repr(exercises.check_packed_bytes(lambda d, block: d + 4 * (d // block)))
-    assert verdict == ("✗ check_packed_bytes: on input 3 of 8 (d=1000, block=128) the result is 1,028, expected "
-                       "1,032. Hint: a partial last tile needs its own scale: ceil(d / block) scales.")
+@pytest.mark.slow
+def test_the_published_rank_code_passes():
+    assert exercises.check_fp8_all_to_all(NS["fp8_all_to_all"])
 
 
-def test_packed_bytes_with_bf16_scales_fails_with_a_hint():
-    verdict = repr(exercises.check_packed_bytes(lambda d, block: d + 2 * math.ceil(d / block)))
-    assert "on input 1 of 8 (d=1024, block=128) the result is 1,040, expected 1,056" in verdict
-    assert "the scales are fp32: 4 bytes each" in verdict
+def sent_in_fp32(x, send_splits, recv_splits):
+    out = x.new_empty(sum(recv_splits), x.shape[1])
+    dist.all_to_all_single(out, x.contiguous(), recv_splits, send_splits)
+    return out
+
+
+def without_scales(x, send_splits, recv_splits):
+    """The FP8 values arrive but are never multiplied back by their tiles' scales."""
+    q, _ = quant.quantize(x, "fp8_e4m3", 128)
+    return sent_in_fp32(q.float(), send_splits, recv_splits)
+
+
+@pytest.mark.slow
+def test_fp8_rows_sent_unrounded_or_without_their_scales_fail_naming_the_input_and_rank():
+    verdict = repr(exercises.check_fp8_all_to_all(sent_in_fp32))
+    assert verdict.startswith("✗ check_fp8_all_to_all: on input 1 of 6 (2 ranks, splits random, rows of 256) rank 0: "
+                              "the result[0, 0] is ")
+    assert verdict.endswith("Hint: round each row to FP8 before it travels: what arrives is the sender's round trip, "
+                            "not its fp32 values.")
+    verdict = repr(exercises.check_fp8_all_to_all(without_scales))
+    assert verdict.startswith("✗ check_fp8_all_to_all: on input 1 of 6 (2 ranks, splits random, rows of 256) rank 0:")
+    assert verdict.endswith("Hint: multiply each FP8 value by its tile's scale, which travels behind the row.")
 
 
 def test_an_unfilled_stub_raises_not_implemented_error():

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.distributed as dist
 from solutions import load
 
 from moelab import exercises
@@ -13,7 +14,6 @@ NS = load("08_slow_link_training.ipynb")
 
 def test_the_published_solutions_pass():
     assert exercises.check_data_parallel_step(NS["data_parallel_step"])
-    assert exercises.check_ring_bytes(NS["ring_bytes"])
     assert exercises.check_outer_step(NS["outer_step"])
     assert exercises.check_powersgd_sizes(NS["powersgd_sizes"])
 
@@ -50,25 +50,31 @@ def test_data_parallel_step_with_diloco_every_step_fails_with_a_hint():
     assert "the result['diloco_int8'] is 6.12922, expected 0.0612922" in verdict and "divide its time by H" in verdict
 
 
-def test_ring_bytes_without_int8_scales_fails_with_a_hint():
-    def no_scales(n, p, rank, wire):
-        return NS["ring_bytes"](n, p, rank, "fp32") // (4 if wire == "int8" else 1)
-
-    verdict = repr(exercises.check_ring_bytes(no_scales))
-    assert verdict == ("✗ check_ring_bytes: on input 2 of 8 (n=1024, p=4, rank=0, wire='int8') the result is 1,536, "
-                       "expected 1,584. Hint: each INT8 chunk carries an fp32 scale per 128 values (ceil(k / 128) "
-                       "of them).")
+@pytest.mark.slow
+def test_the_published_rank_code_passes():
+    assert exercises.check_int8_pseudo_gradient(NS["int8_pseudo_gradient"])
 
 
-def test_ring_bytes_with_equal_chunks_fails_on_an_uneven_split():
-    def equal_chunks(n, p, rank, wire):
-        values = 2 * (p - 1) * n // p
-        return values + 4 * math.ceil(values / 128) if wire == "int8" else 4 * values
+def fp32_average(delta):
+    total = delta.clone()
+    dist.all_reduce(total)
+    return total / dist.get_world_size()
 
-    verdict = repr(exercises.check_ring_bytes(equal_chunks))
-    assert verdict.startswith("✗ check_ring_bytes: on input 4 of 8 (n=1000, p=3, rank=2, wire='int8') the result "
-                              "is 1,377, expected 1,381")
-    assert "which ones a rank sends depends on its rank" in verdict
+
+def int8_sum(delta):
+    return NS["int8_pseudo_gradient"](delta) * dist.get_world_size()
+
+
+@pytest.mark.slow
+def test_a_pseudo_gradient_averaged_in_fp32_or_summed_fails_naming_the_input_and_rank():
+    verdict = repr(exercises.check_int8_pseudo_gradient(fp32_average))
+    assert verdict.startswith("✗ check_int8_pseudo_gradient: on input 1 of 6 (2 ranks, Δ of 256 values) rank 0: the "
+                              "result[0] is ")
+    assert verdict.endswith("Hint: round each rank's Δ to INT8 tiles before it travels: the average is of what "
+                            "arrives.")
+    verdict = repr(exercises.check_int8_pseudo_gradient(int8_sum))
+    assert "on input 1 of 6 (2 ranks, Δ of 256 values) rank 0" in verdict
+    assert "divide the sum by the number of ranks" in verdict
 
 
 def test_outer_step_with_the_sign_flipped_fails_with_a_hint():
@@ -128,8 +134,8 @@ def test_powersgd_sizes_on_the_last_two_dimensions_fails_with_a_hint():
 
 
 def test_an_unfilled_stub_raises_not_implemented_error():
-    def stub(n, p, rank, wire):
-        raise NotImplementedError("exercise 08.2: write ring_bytes")
+    def stub(theta, workers, buffer, lr, momentum):
+        raise NotImplementedError("exercise 08.3: write outer_step")
 
-    with pytest.raises(NotImplementedError, match="exercise 08.2"):
-        exercises.check_ring_bytes(stub)
+    with pytest.raises(NotImplementedError, match="exercise 08.3"):
+        exercises.check_outer_step(stub)

@@ -2,22 +2,26 @@
 
 References: :func:`moelab.twohop.node_rows` (DeepSeek-V3 §3.2.2: a token is sent to each node it needs once),
 :func:`moelab.wire.round_trip_bytes` (moelab's FP8 wire: the forward dispatch in FP8 with 1×128 scales,
-the other three trips in BF16; DeepSeek-V3 §3.3.3 has a second FP8 trip) and
-:func:`moelab.network.ring_bytes` on a :class:`~moelab.network.Topology` (the ring of Patarasuk & Yuan 2009).
+the other three trips in BF16; DeepSeek-V3 §3.3.3 has a second FP8 trip), and rank code on real gloo ranks
+(:mod:`.ranks`): the two-hop dispatch's first hop, against :func:`moelab.twohop.node_rows` sent with
+``all_to_all_single``.
 
 Shapes: ``T`` tokens on a rank, ``k`` choices per token.
 """
 from __future__ import annotations
 
-import torch
+import functools
 
-from ..network import Topology, ring_bytes
+import torch
+import torch.distributed as dist
+
 from ..quant import packed_bytes
 from ..twohop import node_rows
 from ..wire import round_trip_bytes
 from .core import Verdict, case, run_check, seeded
+from .ranks import RankCase, run_rank_check
 
-__all__ = ["check_copies_across", "check_row_bytes", "check_ring_bytes_across"]
+__all__ = ["check_copies_across", "check_row_bytes", "check_first_hop"]
 
 
 def _copies_across(indices: torch.Tensor, experts_per_node: int, node: int) -> int:
@@ -73,32 +77,63 @@ def check_row_bytes(fn) -> Verdict:
                      hints=hints)
 
 
-def _ring_across(n: int, nodes: int, per_node: int) -> int:
-    topology = Topology(nodes, per_node)
-    p = topology.world
-    return sum(ring_bytes(n, p, r) for r in range(p) if topology.node(r) != topology.node((r + 1) % p))
+def _hop_inputs(rank: int, world: int, per_node: int, experts_per_node: int, k: int, tokens: int, seed: int) -> dict:
+    """Every rank's routing drawn alike (top-``k`` distinct experts); this rank's rows carry ``100·rank + t``."""
+    g = seeded(seed)
+    indices = [torch.rand(tokens, world // per_node * experts_per_node, generator=g).topk(k, dim=-1).indices
+               for _ in range(world)]
+    x = (100.0 * rank + torch.arange(tokens, dtype=torch.float32))[:, None].repeat(1, 3)
+    return {"x": x, "indices": indices[rank], "per_node": per_node, "experts_per_node": experts_per_node}
 
 
-def _every_rank(n: int, nodes: int, per_node: int) -> int:
-    p = nodes * per_node
-    return sum(ring_bytes(n, p, r) for r in range(p))
+def _send(x: torch.Tensor, peer: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``x[rows]`` to ``peer`` (sorted), the counts first; what this rank receives, in rank order."""
+    world = dist.get_world_size()
+    send = torch.bincount(peer, minlength=world)
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send)
+    out = x.new_empty(int(recv.sum()), x.shape[1])
+    dist.all_to_all_single(out, x[rows].contiguous(), recv.tolist(), send.tolist())
+    return out
 
 
-def _one_direction(n: int, nodes: int, per_node: int) -> int:
-    return _ring_across(n, nodes, per_node) // 2
+def _first_hop(x: torch.Tensor, indices: torch.Tensor, per_node: int, experts_per_node: int) -> torch.Tensor:
+    """moelab's node rows (:func:`moelab.twohop.node_rows`), each sent to the rank with this rank's local index on
+    its node."""
+    token, node, _ = node_rows(indices, experts_per_node)
+    return _send(x, node * per_node + dist.get_rank() % per_node, token)
 
 
-def check_ring_bytes_across(fn) -> Verdict:
-    """Exercise 10.3: ``fn(n, nodes, per_node) -> int``, the bytes a flat ring all-reduce of ``n`` fp32 values
-    (ring order 0 → 1 → … → p−1 → 0, ranks numbered node by node) sends across nodes, all ranks together."""
-    g = seeded(1012)
-    cases = [case(n=1000, nodes=2, per_node=2), case(n=10, nodes=3, per_node=4), case(n=7, nodes=1, per_node=4),
-             case(n=5, nodes=4, per_node=1)]
-    for _ in range(6):
-        cases.append(case(n=int(torch.randint(1, 100_000, (1,), generator=g)),
-                          nodes=int(torch.randint(1, 6, (1,), generator=g)),
-                          per_node=int(torch.randint(1, 9, (1,), generator=g))))
-    hints = [(_every_rank, "only the ranks whose right neighbour is on another node send across."),
-             (_one_direction, "a ring all-reduce is a reduce-scatter and an all-gather: 2(p−1) rounds, both count.")]
-    return run_check("check_ring_bytes_across", fn, _ring_across, cases,
-                     against="moelab.network.ring_bytes on a Topology", hints=hints)
+def _first_hop_to_local_zero(x: torch.Tensor, indices: torch.Tensor, per_node: int,
+                             experts_per_node: int) -> torch.Tensor:
+    token, node, _ = node_rows(indices, experts_per_node)
+    return _send(x, node * per_node, token)
+
+
+def _flat(x: torch.Tensor, indices: torch.Tensor, per_node: int, experts_per_node: int) -> torch.Tensor:
+    """One row per choice, to the expert's rank (notebook 05's dispatch)."""
+    experts_per_rank = experts_per_node // per_node
+    token = torch.arange(len(indices)).repeat_interleave(indices.shape[1])
+    expert = indices.flatten()
+    order = expert.argsort(stable=True)
+    return _send(x, expert[order] // experts_per_rank, token[order])
+
+
+def check_first_hop(fn) -> Verdict:
+    """Exercise 10.3, rank code: ``fn(x, indices, per_node, experts_per_node) -> tensor``, on every rank.
+
+    The first hop of DeepSeek-V3's two-hop dispatch (§3.2.2): one copy of each token row ``x[t]`` per node its
+    choices ``indices[t]`` fall on (experts ``n·experts_per_node …`` live on node ``n``; ranks are numbered node by
+    node, ``per_node`` per node), ordered by node then token, each sent to the rank with this rank's local index on
+    that node. Return the rows this rank receives, in the senders' rank order. Run on 2 and 4 real gloo ranks
+    against :func:`moelab.twohop.node_rows` and ``all_to_all_single``."""
+    plan = [(2, 1, 4, 2, 6, 1), (2, 2, 4, 3, 4, 5), (4, 2, 4, 2, 6, 2), (4, 2, 2, 4, 5, 3), (4, 1, 2, 1, 3, 4)]
+    cases = [RankCase(world, functools.partial(_hop_inputs, per_node=per_node, experts_per_node=epn, k=k,
+                                               tokens=tokens, seed=seed),
+                      f"{per_node} per node, top-{k} of {epn} experts per node, {tokens} tokens")
+             for world, per_node, epn, k, tokens, seed in plan]
+    hints = [(_first_hop_to_local_zero, "send each copy to the rank with your own local index on its node "
+                                        "(rank % per_node), so that every rank has one peer per node."),
+             (_flat, "one copy per (token, node), not one row per chosen expert: that is the flat dispatch.")]
+    return run_rank_check("check_first_hop", fn, _first_hop, cases, "moelab.twohop.node_rows and all_to_all_single",
+                          hints=hints)

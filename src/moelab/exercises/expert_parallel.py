@@ -30,7 +30,7 @@ from ..router import Routing
 from ..sizing import moe_traffic
 from ..wire import FORMATS
 from .core import Verdict, case, run_check, seeded
-from .ranks import RankCase, run_rank_check
+from .ranks import RankCase, run_rank_check, split_matrix
 
 __all__ = ["check_dispatch_plan", "check_expert_rows", "check_payload_bytes", "check_all_to_all_backward"]
 
@@ -164,20 +164,8 @@ def check_payload_bytes(fn: Callable[[int, int, int, str, str], dict[str, int]])
     return run_check("check_payload_bytes", fn, _payload, cases, "moelab.sizing.moe_traffic", hints=hints)
 
 
-def _splits(rank: int, world: int, seed: int, pattern: str) -> tuple[list[int], list[int]]:
-    """This rank's send and receive splits from one matrix every rank draws alike: ``m[i][j]`` rows go from rank
-    ``i`` to rank ``j``; ``pattern`` ``"random"`` (0–3 rows, some empty), ``"to rank 0"`` (every row goes to rank
-    0) or ``"rank 0 silent"`` (rank 0 sends nothing)."""
-    m = torch.randint(0, 4, (world, world), generator=seeded(seed))
-    if pattern == "to rank 0":
-        m[:, 1:] = 0
-    elif pattern == "rank 0 silent":
-        m[0] = 0
-    return m[rank].tolist(), m[:, rank].tolist()
-
-
 def _backward_inputs(rank: int, world: int, seed: int, pattern: str, d: int) -> dict:
-    send, recv = _splits(rank, world, seed, pattern)
+    send, recv = split_matrix(rank, world, seed, pattern)
     grad = torch.randn(sum(recv), d, generator=seeded(1000 * seed + rank))
     return {"grad": grad, "send_splits": send, "recv_splits": recv}
 
@@ -210,8 +198,8 @@ def check_all_to_all_backward(fn: Callable[[torch.Tensor, list[int], list[int]],
     from rank ``j``, in rank order. ``grad`` ``(sum(recv_splits), d)`` is the gradient of the rows it received;
     return the gradient of the rows it sent, ``(sum(send_splits), d)``, in the order it sent them. Run on 2–4 real
     gloo ranks against the backward pass of :func:`moelab.exchange.all_to_all`."""
-    plan = [(2, 1, "random", 3), (3, 2, "random", 4), (4, 3, "random", 2), (4, 4, "to rank 0", 3),
-            (3, 5, "rank 0 silent", 2), (2, 6, "random", 1)]
+    plan = [(2, 1, "random", 3), (2, 6, "random", 1), (3, 2, "random", 4), (3, 5, "rank 0 silent", 2),
+            (4, 3, "random", 2), (4, 4, "to rank 0", 3)]                  # by world size: one launch each
     cases = [RankCase(world, functools.partial(_backward_inputs, seed=seed, pattern=pattern, d=d),
                       f"splits {pattern}, rows of {d}") for world, seed, pattern, d in plan]
     hints = [(lambda grad, send_splits, recv_splits: grad,

@@ -1,21 +1,24 @@
 """Checks for notebook 07 (FP8 and INT8): 8-bit tiles, their round-trip error, and their bytes.
 
-Three checks: quantising to INT8 tiles, the round-trip error at a granularity, and the bytes of a packed row. Each
-compares the learner's function with :mod:`moelab.quant` on fixed random inputs.
+Three checks: quantising to INT8 tiles and the round-trip error at a granularity, each against :mod:`moelab.quant`
+on fixed random inputs, and rank code run on real gloo ranks (:mod:`.ranks`): FP8 rows with their scales sent as
+bytes, against :func:`moelab.collectives.compressed_all_to_all`.
 
 Shapes: ``x`` is ``(R, C)``: ``R`` rows of ``C`` values.
 """
 from __future__ import annotations
 
-import math
 from functools import partial
 
 import torch
+import torch.distributed as dist
 
 from .. import quant
+from ..collectives import compressed_all_to_all
 from .core import Verdict, case, run_check, seeded
+from .ranks import RankCase, run_rank_check, split_matrix
 
-__all__ = ["check_quantize_int8", "check_round_trip_error", "check_packed_bytes"]
+__all__ = ["check_quantize_int8", "check_round_trip_error", "check_fp8_all_to_all"]
 
 
 def _quantize_int8_mistaken(x: torch.Tensor, block: int, top: float = 127, rounds: bool = True,
@@ -110,14 +113,43 @@ def check_round_trip_error(fn) -> Verdict:
                                                    "the mean of |diff| / |x|.")])
 
 
-def check_packed_bytes(fn) -> Verdict:
-    """Notebook 07, exercise 3: ``fn(d, block) -> int``, the bytes of a row of ``d`` 8-bit values with one fp32
-    scale per 1×``block`` tile (a partial last tile has its own), as :func:`moelab.quant.packed_bytes` — what
-    DeepSeek-V3's FP8 dispatch sends per token (arXiv:2412.19437, §3.3)."""
-    cases = [case(d=1024, block=128), case(d=7168, block=128), case(d=1000, block=128), case(d=129, block=128),
-             case(d=1, block=128), case(d=64, block=8), case(d=1024, block=1024), case(d=300, block=1)]
-    return run_check("check_packed_bytes", fn, quant.packed_bytes, cases, against="moelab.quant.packed_bytes",
-                     hints=[(lambda d, block: d + 4 * (d // block), "a partial last tile needs its own scale: "
-                                                                    "ceil(d / block) scales."),
-                            (lambda d, block: d + 2 * math.ceil(d / block), "the scales are fp32: 4 bytes each."),
-                            (lambda d, block: d, "count the scales too, 4 bytes per tile.")])
+def _fp8_inputs(rank: int, world: int, seed: int, pattern: str, d: int) -> dict:
+    send, recv = split_matrix(rank, world, seed, pattern)
+    x = torch.randn(sum(send), d, generator=seeded(1000 * seed + rank)) * 10.0 ** (rank - 1)  # ranks differ in scale
+    return {"x": x, "send_splits": send, "recv_splits": recv}
+
+
+def _fp8_all_to_all(x: torch.Tensor, send_splits: list[int], recv_splits: list[int]) -> torch.Tensor:
+    """moelab's compressed all-to-all (FP8 E4M3 rows, fp32 scales per 1×128 tile, sent as bytes), dequantised."""
+    q, scales = compressed_all_to_all(x, send_splits, recv_splits, "fp8_e4m3", 128)
+    return quant.dequantize(q, scales, 128)
+
+
+def _exchanged(x: torch.Tensor, send_splits: list[int], recv_splits: list[int]) -> torch.Tensor:
+    out = x.new_empty(sum(recv_splits), x.shape[1])
+    dist.all_to_all_single(out, x.contiguous(), recv_splits, send_splits)
+    return out
+
+
+def _fp8_without_scales(x: torch.Tensor, send_splits: list[int], recv_splits: list[int]) -> torch.Tensor:
+    """The received FP8 values, never multiplied back by their tiles' scales."""
+    q, _ = compressed_all_to_all(x, send_splits, recv_splits, "fp8_e4m3", 128)
+    return q.float()
+
+
+def check_fp8_all_to_all(fn) -> Verdict:
+    """Notebook 07, exercise 3, rank code: ``fn(x, send_splits, recv_splits) -> tensor``, on every rank.
+
+    Send ``x``'s rows ``(N, d)`` as DeepSeek-V3 dispatches them (§3.3.3): each row in FP8 E4M3 with one fp32 scale
+    per 1×128 tile (the last tile may be partial), as bytes, since gloo has no FP8 dtype; ``send_splits[j]`` rows go
+    to rank ``j``. Return the rows this rank receives, ``recv_splits[j]`` from rank ``j`` in rank order, turned back
+    into fp32. Run on 2–4 real gloo ranks against :func:`moelab.collectives.compressed_all_to_all`."""
+    plan = [(2, 1, "random", 256), (2, 6, "random", 64), (3, 2, "random", 128), (3, 5, "rank 0 silent", 300),
+            (4, 3, "random", 200), (4, 4, "to rank 0", 128)]              # by world size: one launch each
+    cases = [RankCase(world, partial(_fp8_inputs, seed=seed, pattern=pattern, d=d), f"splits {pattern}, rows of {d}")
+             for world, seed, pattern, d in plan]
+    hints = [(_exchanged, "round each row to FP8 before it travels: what arrives is the sender's round trip, not its "
+                          "fp32 values."),
+             (_fp8_without_scales, "multiply each FP8 value by its tile's scale, which travels behind the row.")]
+    return run_rank_check("check_fp8_all_to_all", fn, _fp8_all_to_all, cases,
+                          "moelab.collectives.compressed_all_to_all", rtol=1e-6, atol=0.0, hints=hints)

@@ -14,8 +14,10 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+import torch
+
 from ..dist import RankError, launch
-from .core import Verdict, _same, difference
+from .core import Verdict, _same, difference, seeded
 
 TIMEOUT_S = 30.0        # one input's launch: a correct function needs well under a second
 
@@ -28,6 +30,18 @@ class RankCase:
     world: int
     make: Callable[[int, int], dict[str, Any]]
     label: str
+
+
+def split_matrix(rank: int, world: int, seed: int, pattern: str) -> tuple[list[int], list[int]]:
+    """This rank's send and receive splits of an all-to-all, from one matrix every rank draws alike: ``m[i][j]``
+    rows go from rank ``i`` to rank ``j``; ``pattern`` ``"random"`` (0–3 rows, some empty), ``"to rank 0"`` (every
+    row goes to rank 0) or ``"rank 0 silent"`` (rank 0 sends nothing)."""
+    m = torch.randint(0, 4, (world, world), generator=seeded(seed))
+    if pattern == "to rank 0":
+        m[:, 1:] = 0
+    elif pattern == "rank 0 silent":
+        m[0] = 0
+    return m[rank].tolist(), m[:, rank].tolist()
 
 
 def _on_rank(rank: int, world: int, fn: Callable, reference: Callable, makes: Sequence[tuple[int, Callable]],

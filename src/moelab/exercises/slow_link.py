@@ -1,27 +1,29 @@
 """Checks for notebook 08 (training over slow links): step times, ring bytes, DiLoCo and PowerSGD.
 
-Four checks: the step time of data parallelism, the bytes a rank sends in a ring all-reduce, DiLoCo's outer step,
-and what PowerSGD sends. Each compares the learner's function with :mod:`moelab.diloco`,
-:mod:`moelab.ddp_hooks`, :func:`moelab.network.ring_bytes` and :func:`moelab.sizing.data_parallel_step` on fixed
-random inputs.
+Four checks: the step time of data parallelism, DiLoCo's pseudo-gradient averaged in INT8 on real gloo ranks (rank
+code, :mod:`.ranks`), DiLoCo's outer step, and what PowerSGD sends. Each compares the learner's function with
+:mod:`moelab.sizing.data_parallel_step`, :mod:`moelab.quant`, :mod:`moelab.diloco` and :mod:`moelab.ddp_hooks`
+on fixed random inputs.
 
 Shapes: ``W`` workers, ``n`` values (parameters) each.
 """
 from __future__ import annotations
 
-import math
+import functools
 
 import torch
+import torch.distributed as dist
 from torch.optim.sgd import sgd
 
-from ..compression import int8_message_bytes
+from .. import quant
 from ..ddp_hooks import powersgd_sizes
 from ..diloco import pseudo_gradients
-from ..network import Link, ring_bytes
+from ..network import Link
 from ..sizing import data_parallel_step
 from .core import Case, Verdict, case, run_check, seeded
+from .ranks import RankCase, run_rank_check
 
-__all__ = ["check_data_parallel_step", "check_ring_bytes", "check_outer_step", "check_powersgd_sizes"]
+__all__ = ["check_data_parallel_step", "check_int8_pseudo_gradient", "check_outer_step", "check_powersgd_sizes"]
 
 
 def _step_forward_only(params: float, tokens: float, nodes: int, link: Link, flops: float, H: int) -> dict:
@@ -64,42 +66,59 @@ def check_data_parallel_step(fn) -> Verdict:
                                                       "by H.")])
 
 
-def _ring_bytes_reference(n: int, p: int, rank: int, wire: str) -> int:
-    per_chunk = int8_message_bytes if wire == "int8" else (lambda k: 4 * k)
-    return ring_bytes(n, p, rank, per_chunk)
+def _delta_inputs(rank: int, world: int, n: int, seed: int) -> dict:
+    """A pseudo-gradient: small values (a few hundred AdamW steps' worth), with an outlier on rank 0."""
+    delta = 1e-3 * torch.randn(n, generator=seeded(1000 * seed + rank))
+    if rank == 0 and n > 5:
+        delta[5] = 0.5
+    return {"delta": delta}
 
 
-def _ring_bytes_even(n: int, p: int, rank: int, wire: str) -> int:
-    values = 2 * (p - 1) * n // p
-    return values + 4 * math.ceil(values / 128) if wire == "int8" else 4 * values
+def _int8_round_trip(delta: torch.Tensor, block: int = 128) -> torch.Tensor:
+    return quant.dequantize(*quant.quantize(delta.view(1, -1), "int8", block), block).view(-1)
 
 
-def _ring_bytes_no_scales(n: int, p: int, rank: int, wire: str) -> int:
-    return ring_bytes(n, p, rank, (lambda k: k) if wire == "int8" else (lambda k: 4 * k))
+def _int8_average(delta: torch.Tensor) -> torch.Tensor:
+    """The average over the ranks of every rank's Δ as it arrives in INT8 (moelab.quant's 1×128 tiles)."""
+    total = _int8_round_trip(delta)
+    dist.all_reduce(total)
+    return total / dist.get_world_size()
 
 
-def _ring_bytes_reduce_scatter_only(n: int, p: int, rank: int, wire: str) -> int:
-    return _ring_bytes_reference(n, p, rank, wire) // 2
+def _fp32_average(delta: torch.Tensor) -> torch.Tensor:
+    total = delta.clone()
+    dist.all_reduce(total)
+    return total / dist.get_world_size()
 
 
-def check_ring_bytes(fn) -> Verdict:
-    """Notebook 08, exercise 2: ``fn(n, p, rank, wire) -> int``, the bytes ``rank`` sends in a ring all-reduce of
-    ``n`` values over ``p`` ranks (Patarasuk & Yuan 2009): chunks as ``torch.tensor_split`` cuts them (larger
-    first); in the reduce-scatter it sends every chunk but its own, in the all-gather every chunk but its right
-    neighbour's; a chunk of ``k`` values costs ``4k`` bytes on the ``"fp32"`` wire and ``k + 4·ceil(k/128)`` on
-    the ``"int8"`` one (INTELLECT-1's pseudo-gradients). As :func:`moelab.network.ring_bytes`."""
-    cases = [case(n=1024, p=4, rank=0, wire="fp32"), case(n=1024, p=4, rank=0, wire="int8"),
-             case(n=1000, p=3, rank=0, wire="fp32"), case(n=1000, p=3, rank=2, wire="int8"),
-             case(n=10, p=4, rank=1, wire="fp32"), case(n=3, p=4, rank=3, wire="int8"),
-             case(n=5000, p=1, rank=0, wire="fp32"), case(n=1_000_003, p=14, rank=13, wire="int8")]
-    return run_check("check_ring_bytes", fn, _ring_bytes_reference, cases,
-                     against="moelab.network.ring_bytes",
-                     hints=[(_ring_bytes_no_scales, "each INT8 chunk carries an fp32 scale per 128 values "
-                                                    "(ceil(k / 128) of them)."),
-                            (_ring_bytes_reduce_scatter_only, "the all-gather sends as much again as the "
-                                                              "reduce-scatter."),
-                            (_ring_bytes_even, "chunks hold whole values: n // p, plus one for the first n % p "
-                                               "chunks, and which ones a rank sends depends on its rank.")])
+def _int8_sum(delta: torch.Tensor) -> torch.Tensor:
+    return _int8_average(delta) * dist.get_world_size()
+
+
+def _int8_one_scale(delta: torch.Tensor) -> torch.Tensor:
+    total = _int8_round_trip(delta, block=max(1, delta.numel()))
+    dist.all_reduce(total)
+    return total / dist.get_world_size()
+
+
+def check_int8_pseudo_gradient(fn) -> Verdict:
+    """Notebook 08, exercise 2, rank code: ``fn(delta) -> tensor``, on every rank: DiLoCo's averaged pseudo-gradient
+    when every rank sends its ``Δ`` (a 1-D tensor) in INT8, as INTELLECT-1 does: one fp32 scale per 1×128 tile
+    (``max |Δ| / 127``, the last tile maybe partial), values rounded to the nearest of −127 … 127. Return the mean
+    over the ranks of what arrives. Run on 2–4 real gloo ranks against :mod:`moelab.quant`'s INT8 round trip,
+    averaged with ``dist.all_reduce``."""
+    plan = [(2, 256, 1), (2, 3, 5), (3, 1000, 2), (3, 129, 6), (4, 300, 3), (4, 128, 4)]     # one launch a world size
+    cases = [RankCase(world, functools.partial(_delta_inputs, n=n, seed=seed), f"Δ of {n} values")
+             for world, n, seed in plan]
+    hints = [(_fp32_average, "round each rank's Δ to INT8 tiles before it travels: the average is of what "
+                             "arrives."),
+             (_int8_sum, "the outer step takes the mean of the pseudo-gradients: divide the sum by the number of "
+                         "ranks."),
+             (_int8_one_scale, "one scale per 1×128 tile, not one for the whole Δ: rank 0's outlier would flatten "
+                               "every other value of its tensor to 0.")]
+    return run_rank_check("check_int8_pseudo_gradient", fn, _int8_average, cases,
+                          "moelab.quant's INT8 round trip, averaged over the ranks", rtol=1e-5, atol=1e-9,
+                          hints=hints)
 
 
 def _outer_step_reference(theta: torch.Tensor, workers: torch.Tensor, buffer: torch.Tensor, lr: float,
