@@ -8,8 +8,9 @@ stored outputs are untouched. The fresh clone is `git clone` of this repository'
 followed by `make test` there with pip's cache disabled, so the install is part of the time; then `make test-fast`
 (the developer's loop, the venv already there), then `make test-portable` and `make ui-test` in the same clone, as
 `.ci/run` runs them. Targets: every notebook <= 120 s; `make test` on a fresh clone <= 450 s including install;
-`make test-fast` <= 60 s; `make test-portable` <= 600 s; `make ui-test` <= 300 s including `npm ci`; and the import
-layers of src/moelab (tests/test_layers.py): no import cycle, and the MoE layer importing core modules only.
+`make test-fast` <= 60 s; `make ui-test` <= 300 s including `npm ci` (`make test-portable`'s time is reported); and
+the import layers of src/moelab (tests/test_layers.py): no import cycle, and the MoE layer importing core modules
+only.
 Writes benchmarks/results/notebooks.json and prints a table.
 """
 from __future__ import annotations
@@ -35,7 +36,6 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_BUDGET_S = 120
 FRESH_CLONE_BUDGET_S = 450
 TEST_FAST_BUDGET_S = 60
-TEST_PORTABLE_BUDGET_S = 600
 UI_TEST_BUDGET_S = 300
 NB_ENV = {"TQDM_DISABLE": "1", "MOELAB_THREADS": "2", "PYTHONHASHSEED": "0"}  # as in the Makefile
 
@@ -129,8 +129,6 @@ def main() -> None:
                               clone[0]["seconds"], "<=", FRESH_CLONE_BUDGET_S))
         targets.append(target(f"make test-fast with the venv installed <= {TEST_FAST_BUDGET_S} s", clone[1]["seconds"],
                               "<=", TEST_FAST_BUDGET_S))
-        targets.append(target(f"make test-portable in that clone <= {TEST_PORTABLE_BUDGET_S} s", clone[2]["seconds"],
-                              "<=", TEST_PORTABLE_BUDGET_S))
         if len(clone) > 3:
             targets.append(target(f"make ui-test on a fresh clone, npm ci included, <= {UI_TEST_BUDGET_S} s",
                                   clone[3]["seconds"], "<=", UI_TEST_BUDGET_S))
