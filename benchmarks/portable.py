@@ -115,12 +115,17 @@ def moved(stored: list, computed: list, sanitize) -> tuple[float, bool, bool]:
 
 
 def compare(stored: nbformat.NotebookNode, computed: nbformat.NotebookNode, sanitize) -> list[dict]:
-    """One row per compared code cell whose output moved (cells whose source differs are not compared)."""
+    """One row per compared code cell whose output moved. Cells are paired by their source (a past revision may have
+    cells added or changed since; a cell without its twin is not compared)."""
+    twins: dict[str, list] = {}
+    for c in computed.cells:
+        twins.setdefault(c.source, []).append(c)
     rows = []
-    for i, (s, c) in enumerate(zip(stored.cells, computed.cells)):
-        if (s.cell_type != "code" or s.source != c.source or s.source.lstrip().startswith("# NBVAL_IGNORE_OUTPUT")
+    for i, s in enumerate(stored.cells):
+        if (s.cell_type != "code" or not twins.get(s.source) or s.source.lstrip().startswith("# NBVAL_IGNORE_OUTPUT")
                 or s.execution_count is None):
             continue
+        c = twins[s.source].pop(0)
         ref = transform_streams_for_comparison(s.outputs)
         out = transform_streams_for_comparison(coalesce_streams(c.outputs))
         if flatten(ref, SKIP, sanitize) == flatten(out, SKIP, sanitize):
