@@ -1,7 +1,7 @@
 """One figure, one source: numbers the course quotes in several places agree with the code or JSON they come from.
 
 Each test recomputes a figure from moelab (or reads the committed benchmark JSON) and finds every place that quotes
-it, in the notebooks' stored outputs and markdown, the README and docs/teaching.md. A drift (a config changed, a
+it, in the notebooks' stored outputs and markdown, the README, docs/teaching.md and docs/glossary.md. A drift (a config changed, a
 formula fixed in one notebook only, a run added to a notebook but not to its description) fails here by name.
 """
 import json
@@ -29,11 +29,11 @@ def printed(cell: dict) -> str:
 
 
 def everything() -> dict[str, str]:
-    """Every notebook's markdown and stored outputs, the README and docs/teaching.md, by name."""
+    """Every notebook's markdown and stored outputs, the README and the docs, by name."""
     texts = {p.relative_to(ROOT / "notebooks").as_posix(): "\n".join(source(c) if c["cell_type"] == "markdown"
                                                                      else printed(c) for c in cells(p))
              for p in CHAPTERS + sorted((ROOT / "notebooks" / "solutions").glob("*.ipynb"))}
-    for name in ("README.md", "docs/teaching.md"):
+    for name in ("README.md", "docs/teaching.md", "docs/glossary.md"):
         texts[name] = (ROOT / name).read_text(encoding="utf-8")
     return texts
 
