@@ -1,8 +1,8 @@
 """One figure, one source: numbers the course quotes in several places agree with the code or JSON they come from.
 
 Each test recomputes a figure from moelab (or reads the committed benchmark JSON) and finds every place that quotes
-it, in the notebooks' stored outputs and markdown, the README, docs/teaching.md and docs/glossary.md. A drift (a config changed, a
-formula fixed in one notebook only, a run added to a notebook but not to its description) fails here by name.
+it: the notebooks' stored outputs and markdown, the README, docs/teaching.md and docs/glossary.md. A drift (a
+config changed, a formula fixed in one notebook only, a run added but not described) fails here by name.
 """
 import json
 import re
