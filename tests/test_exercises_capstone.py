@@ -4,10 +4,10 @@ import math
 
 import pytest
 import torch
-import torch.distributed as dist
 from solutions import load
 
 from moelab import exercises
+from moelab.exercises.ranks import send_to
 
 NS = load("10_capstone.ipynb")
 
@@ -51,12 +51,7 @@ def to_local_index_zero(x, indices, per_node, experts_per_node):
     token = torch.arange(T).repeat_interleave(k)
     pair = torch.unique(indices.flatten() // experts_per_node * T + token)
     token, peer = pair % T, pair // T * per_node
-    send = torch.bincount(peer, minlength=dist.get_world_size())
-    recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send)
-    rows = x.new_empty(int(recv.sum()), x.shape[1])
-    dist.all_to_all_single(rows, x[token], recv.tolist(), send.tolist())
-    return rows
+    return send_to(x[token], peer)
 
 
 def per_choice(x, indices, per_node, experts_per_node):
@@ -65,12 +60,7 @@ def per_choice(x, indices, per_node, experts_per_node):
     expert = indices.flatten()
     order = expert.argsort(stable=True)
     peer = expert[order] // (experts_per_node // per_node)
-    send = torch.bincount(peer, minlength=dist.get_world_size())
-    recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send)
-    rows = x.new_empty(int(recv.sum()), x.shape[1])
-    dist.all_to_all_single(rows, x[token[order]], recv.tolist(), send.tolist())
-    return rows
+    return send_to(x[token[order]], peer)
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ import torch  # noqa: E402
 from moelab.train import History  # noqa: E402
 from moelab.viz import (  # noqa: E402
     color_by_expert,
+    domain_preference,
     ema,
     expert_colors,
     plot_attention,
@@ -58,6 +59,12 @@ def test_plot_load_heatmap_shows_shares_of_a_fair_load():
     np.testing.assert_allclose(ax.images[0].get_array(), np.array([[0.75, 0.0], [0.75, 1.5], [1.5, 1.5]]))
 
 
+def test_plot_load_heatmap_narrows_its_colour_scale_with_span():
+    assert plot_load_heatmap(np.array([[2, 2, 4]]), span=0.5).images[0].get_clim() == (0.5, 1.5)
+    with pytest.raises(ValueError, match="span = 0 is not allowed; allowed: a number in"):
+        plot_load_heatmap(np.ones((2, 2)), span=0)
+
+
 def test_plot_load_heatmap_labels_logged_steps_and_rejects_a_mismatch():
     ax = plot_load_heatmap(np.ones((3, 2)), steps=[0, 10, 20])
     assert ax.images[0].get_extent()[:2] == [0, 30]
@@ -65,11 +72,19 @@ def test_plot_load_heatmap_labels_logged_steps_and_rejects_a_mismatch():
         plot_load_heatmap(np.ones((3, 2)), steps=[0, 10])
 
 
-def test_plot_domain_experts_draws_the_fractions_on_a_shared_scale():
+def test_domain_preference_divides_by_the_experts_mean_share_and_leaves_unused_experts_at_one():
+    fractions = np.array([[0.5, 0.5, 0.0], [0.9, 0.1, 0.0]])
+    np.testing.assert_allclose(domain_preference(fractions), [[5 / 7, 5 / 3, 1.0], [9 / 7, 1 / 3, 1.0]])
+
+
+def test_plot_domain_experts_draws_preferences_on_a_log_scale_shared_through_span():
     fractions = np.array([[0.5, 0.5], [1.0, 0.0]])
-    ax = plot_domain_experts(fractions, ["a", "b"], vmax=2.0)
-    np.testing.assert_allclose(ax.images[0].get_array(), fractions)
-    assert ax.images[0].get_clim() == (0.0, 2.0) and [t.get_text() for t in ax.get_yticklabels()] == ["a", "b"]
+    ax = plot_domain_experts(fractions, ["a", "b"], span=4.0)
+    np.testing.assert_allclose(ax.images[0].get_array(), [[2 / 3, 2.0], [4 / 3, 0.25]])      # 0 clipped to 1/4
+    assert ax.images[0].get_clim() == (0.25, 4.0) and [t.get_text() for t in ax.get_yticklabels()] == ["a", "b"]
+    assert plot_domain_experts(fractions, ["a", "b"]).images[0].get_clim() == (0.5, 2.0)     # at least 2
+    with pytest.raises(ValueError, match="span = 1.0 is not allowed; allowed: a number > 1"):
+        plot_domain_experts(fractions, ["a", "b"], span=1.0)
 
 
 def test_color_by_expert_colours_each_character_and_escapes_html():

@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from matplotlib.axes import Axes
+from matplotlib.colors import LogNorm
 
 from .timeline import Event
 from .train import History
@@ -55,9 +56,10 @@ def plot_history(history: History, ax: Axes | None = None, label: str = "", x: s
 
 def plot_attention(probs: torch.Tensor, labels: Sequence[str] | None = None, ax: Axes | None = None,
                    title: str = "") -> Axes:
-    """Heatmap of one head's attention probabilities ``(T_query, T_key)``; rows are queries."""
+    """Heatmap of one head's attention probabilities ``(T_query, T_key)``; rows are queries. The colour scale is
+    0 to 1 for every head, so that several heads can share one colour bar."""
     ax = _axes(ax, (4.0, 4.0))
-    ax.imshow(probs.detach().float().numpy(), cmap="viridis", vmin=0.0)
+    ax.imshow(probs.detach().float().numpy(), cmap="viridis", vmin=0.0, vmax=1.0)
     if labels is not None:
         ticks = range(len(labels))
         ax.set_xticks(ticks, labels)
@@ -84,10 +86,13 @@ def plot_expert_load(requested: torch.Tensor, kept: torch.Tensor | None = None, 
 
 
 def plot_load_heatmap(counts: np.ndarray, ax: Axes | None = None, title: str = "",
-                      steps: Sequence[int] | None = None) -> Axes:
+                      steps: Sequence[int] | None = None, span: float = 1.0) -> Axes:
     """Each expert's share of the assignments over training, relative to a fair share: ``counts`` is
-    ``(steps, E)``; 1 (white) is a perfectly balanced expert, red is overloaded, blue idle. ``steps`` (equally
-    spaced) labels the rows of ``counts`` with their training steps when they are not 0, 1, 2, …"""
+    ``(steps, E)``; 1 (white) is a perfectly balanced expert, red is overloaded, blue idle. The colours run from
+    ``1 - span`` to ``1 + span``: a small ``span`` shows the small imbalances of a balanced run. ``steps``
+    (equally spaced) labels the rows of ``counts`` with their training steps when they are not 0, 1, 2, …"""
+    if not 0 < span <= 1:
+        raise ValueError(f"span = {span!r} is not allowed; allowed: a number in (0, 1]")
     ax = _axes(ax, (6.0, 2.5))
     share = counts / counts.mean(axis=1, keepdims=True)
     extent = None
@@ -96,22 +101,42 @@ def plot_load_heatmap(counts: np.ndarray, ax: Axes | None = None, title: str = "
             raise ValueError(f"steps has {len(steps)} entries; allowed: one per row of counts ({len(counts)}), "
                              f"at least 2")
         extent = (steps[0], steps[-1] + steps[1] - steps[0], counts.shape[1] - 0.5, -0.5)
-    image = ax.imshow(share.T, aspect="auto", cmap="RdBu_r", vmin=0.0, vmax=2.0, interpolation="nearest",
-                      extent=extent)
+    image = ax.imshow(share.T, aspect="auto", cmap="RdBu_r", vmin=1.0 - span, vmax=1.0 + span,
+                      interpolation="nearest", extent=extent)
     ax.set(xlabel="training step", ylabel="expert", title=title)
     ax.figure.colorbar(image, ax=ax, label="load / fair share")
     return ax
 
 
+def domain_preference(fractions: np.ndarray) -> np.ndarray:
+    """``fractions[d, e] / mean_d fractions[d, e]``: how much more (> 1) or less (< 1) domain ``d`` sends to
+    expert ``e`` than the domains do on average (1 where no domain uses the expert).
+
+    Dividing by the expert's mean share takes out how popular the expert is overall, which would otherwise
+    dominate the picture; what is left is specialisation, the quantity the mutual information sums up."""
+    mean = fractions.mean(axis=0, keepdims=True)
+    return np.divide(fractions, mean, out=np.ones_like(fractions, dtype=float), where=mean > 0)
+
+
 def plot_domain_experts(fractions: np.ndarray, domains: Sequence[str], ax: Axes | None = None,
-                        title: str = "", vmax: float | None = None) -> Axes:
-    """Heatmap of ``fractions`` ``(domains, experts)``: the share of each domain's assignments per expert
-    (colour scale from 0 to ``vmax``, by default the largest share)."""
+                        title: str = "", span: float | None = None) -> Axes:
+    """Heatmap of :func:`domain_preference` of ``fractions`` ``(domains, experts)`` (each domain's share of its
+    assignments per expert) on a log colour scale from ``1 / span`` (blue, avoided) through 1 (white) to ``span``
+    (red, preferred); ``span`` defaults to the largest factor in the data, at least 2."""
     ax = _axes(ax, (7.0, 2.4))
-    image = ax.imshow(fractions, aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax, interpolation="nearest")
+    lift = domain_preference(fractions)
+    if span is None:
+        span = max(2.0, float(np.exp(np.abs(np.log(lift[lift > 0])).max())))
+    if not span > 1:
+        raise ValueError(f"span = {span!r} is not allowed; allowed: a number > 1")
+    image = ax.imshow(np.clip(lift, 1 / span, span), aspect="auto", cmap="RdBu_r", interpolation="nearest",
+                      norm=LogNorm(vmin=1 / span, vmax=span))
     ax.set_yticks(range(len(domains)), list(domains))
     ax.set(xlabel="expert", title=title)
-    ax.figure.colorbar(image, ax=ax, label="share of the domain")
+    ticks = [2.0 ** p for p in range(-int(np.log2(span)), int(np.log2(span)) + 1)]
+    bar = ax.figure.colorbar(image, ax=ax, label="share ÷ all domains' mean")
+    bar.set_ticks(ticks, labels=[f"{t:g}" for t in ticks])
+    bar.minorticks_off()
     return ax
 
 

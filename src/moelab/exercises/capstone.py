@@ -19,7 +19,7 @@ from ..quant import packed_bytes
 from ..twohop import node_rows
 from ..wire import round_trip_bytes
 from .core import Verdict, case, run_check, seeded
-from .ranks import RankCase, run_rank_check
+from .ranks import RankCase, run_rank_check, send_to
 
 __all__ = ["check_copies_across", "check_row_bytes", "check_first_hop"]
 
@@ -86,28 +86,17 @@ def _hop_inputs(rank: int, world: int, per_node: int, experts_per_node: int, k: 
     return {"x": x, "indices": indices[rank], "per_node": per_node, "experts_per_node": experts_per_node}
 
 
-def _send(x: torch.Tensor, peer: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """``x[rows]`` to ``peer`` (sorted), the counts first; what this rank receives, in rank order."""
-    world = dist.get_world_size()
-    send = torch.bincount(peer, minlength=world)
-    recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send)
-    out = x.new_empty(int(recv.sum()), x.shape[1])
-    dist.all_to_all_single(out, x[rows].contiguous(), recv.tolist(), send.tolist())
-    return out
-
-
 def _first_hop(x: torch.Tensor, indices: torch.Tensor, per_node: int, experts_per_node: int) -> torch.Tensor:
     """moelab's node rows (:func:`moelab.twohop.node_rows`), each sent to the rank with this rank's local index on
     its node."""
     token, node, _ = node_rows(indices, experts_per_node)
-    return _send(x, node * per_node + dist.get_rank() % per_node, token)
+    return send_to(x[token], node * per_node + dist.get_rank() % per_node)
 
 
 def _first_hop_to_local_zero(x: torch.Tensor, indices: torch.Tensor, per_node: int,
                              experts_per_node: int) -> torch.Tensor:
     token, node, _ = node_rows(indices, experts_per_node)
-    return _send(x, node * per_node, token)
+    return send_to(x[token], node * per_node)
 
 
 def _flat(x: torch.Tensor, indices: torch.Tensor, per_node: int, experts_per_node: int) -> torch.Tensor:
@@ -116,7 +105,7 @@ def _flat(x: torch.Tensor, indices: torch.Tensor, per_node: int, experts_per_nod
     token = torch.arange(len(indices)).repeat_interleave(indices.shape[1])
     expert = indices.flatten()
     order = expert.argsort(stable=True)
-    return _send(x, expert[order] // experts_per_rank, token[order])
+    return send_to(x[token[order]], expert[order] // experts_per_rank)
 
 
 def check_first_hop(fn) -> Verdict:

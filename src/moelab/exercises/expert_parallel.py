@@ -20,7 +20,6 @@ import functools
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 
 from ..config import ModelConfig
 from ..dispatch import assignments, permute
@@ -30,7 +29,7 @@ from ..router import Routing
 from ..sizing import moe_traffic
 from ..wire import FORMATS
 from .core import Verdict, case, run_check, seeded
-from .ranks import RankCase, run_rank_check, split_matrix
+from .ranks import RankCase, exchange, run_rank_check, split_matrix
 
 __all__ = ["check_dispatch_plan", "check_expert_rows", "check_payload_bytes", "check_all_to_all_backward"]
 
@@ -178,17 +177,12 @@ def _all_to_all_backward(grad: torch.Tensor, send_splits: list[int], recv_splits
 
 
 def _wrong_forward_again(grad: torch.Tensor, send_splits: list[int], recv_splits: list[int]) -> torch.Tensor:
-    """The gradients sent with the forward's splits (where the sizes let it run; a hint must not raise)."""
-    if sum(send_splits) != sum(recv_splits):
-        return torch.full((sum(send_splits), grad.shape[1]), float("nan"))
-    return _exchange(grad, send_splits, recv_splits)
-
-
-def _exchange(rows: torch.Tensor, send_splits: list[int], recv_splits: list[int]) -> torch.Tensor:
-    """``rows`` split by ``send_splits`` over the ranks, received by ``recv_splits`` (no gradient)."""
-    out = rows.new_empty(sum(recv_splits), rows.shape[1])
-    dist.all_to_all_single(out, rows.contiguous(), recv_splits, send_splits)
-    return out
+    """The gradients sent with the forward's splits; ``grad`` cut or padded with zeros to ``sum(send_splits)`` rows,
+    so that every rank joins the exchange (a hint must neither raise nor leave a rank waiting)."""
+    rows = grad.new_zeros(sum(send_splits), grad.shape[1])
+    n = min(len(rows), len(grad))
+    rows[:n] = grad[:n]
+    return exchange(rows, send_splits, recv_splits)
 
 
 def check_all_to_all_backward(fn: Callable[[torch.Tensor, list[int], list[int]], torch.Tensor]) -> Verdict:

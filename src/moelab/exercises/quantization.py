@@ -11,12 +11,11 @@ from __future__ import annotations
 from functools import partial
 
 import torch
-import torch.distributed as dist
 
 from .. import quant
 from ..collectives import compressed_all_to_all
 from .core import Verdict, case, run_check, seeded
-from .ranks import RankCase, run_rank_check, split_matrix
+from .ranks import RankCase, exchange, run_rank_check, split_matrix
 
 __all__ = ["check_quantize_int8", "check_round_trip_error", "check_fp8_all_to_all"]
 
@@ -125,12 +124,6 @@ def _fp8_all_to_all(x: torch.Tensor, send_splits: list[int], recv_splits: list[i
     return quant.dequantize(q, scales, 128)
 
 
-def _exchanged(x: torch.Tensor, send_splits: list[int], recv_splits: list[int]) -> torch.Tensor:
-    out = x.new_empty(sum(recv_splits), x.shape[1])
-    dist.all_to_all_single(out, x.contiguous(), recv_splits, send_splits)
-    return out
-
-
 def _fp8_without_scales(x: torch.Tensor, send_splits: list[int], recv_splits: list[int]) -> torch.Tensor:
     """The received FP8 values, never multiplied back by their tiles' scales."""
     q, _ = compressed_all_to_all(x, send_splits, recv_splits, "fp8_e4m3", 128)
@@ -148,7 +141,7 @@ def check_fp8_all_to_all(fn) -> Verdict:
             (4, 3, "random", 200), (4, 4, "to rank 0", 128)]              # by world size: one launch each
     cases = [RankCase(world, partial(_fp8_inputs, seed=seed, pattern=pattern, d=d), f"splits {pattern}, rows of {d}")
              for world, seed, pattern, d in plan]
-    hints = [(_exchanged, "round each row to FP8 before it travels: what arrives is the sender's round trip, not its "
+    hints = [(exchange, "round each row to FP8 before it travels: what arrives is the sender's round trip, not its "
                           "fp32 values."),
              (_fp8_without_scales, "multiply each FP8 value by its tile's scale, which travels behind the row.")]
     return run_rank_check("check_fp8_all_to_all", fn, _fp8_all_to_all, cases,

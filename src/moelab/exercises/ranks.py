@@ -15,8 +15,10 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
+import torch.distributed as dist
 
 from ..dist import RankError, launch
+from ..exchange import exchange_counts
 from .core import Verdict, _same, difference, seeded
 
 TIMEOUT_S = 30.0        # one input's launch: a correct function needs well under a second
@@ -42,6 +44,23 @@ def split_matrix(rank: int, world: int, seed: int, pattern: str) -> tuple[list[i
     elif pattern == "rank 0 silent":
         m[0] = 0
     return m[rank].tolist(), m[:, rank].tolist()
+
+
+def exchange(x: torch.Tensor, send_splits: Sequence[int], recv_splits: Sequence[int]) -> torch.Tensor:
+    """The rows of ``x`` cut by ``send_splits``, piece ``j`` to rank ``j``; what arrives, in rank order.
+
+    ``recv_splits[j]`` rows arrive from rank ``j``. The plain exchange (no gradient) that references and known
+    wrong answers are built from."""
+    out = x.new_empty(sum(recv_splits), x.shape[1])
+    dist.all_to_all_single(out, x.contiguous(), list(recv_splits), list(send_splits))
+    return out
+
+
+def send_to(rows: torch.Tensor, peer: torch.Tensor) -> torch.Tensor:
+    """``rows[i]`` to rank ``peer[i]`` (``peer`` sorted), the counts exchanged first; what this rank receives."""
+    send = torch.bincount(peer, minlength=dist.get_world_size())
+    recv = exchange_counts(send)
+    return exchange(rows, send.tolist(), recv.tolist())
 
 
 def _on_rank(rank: int, world: int, fn: Callable, reference: Callable, makes: Sequence[tuple[int, Callable]],
