@@ -11,7 +11,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "moelab"
 LAYERS = {                # each top-level module or subpackage of moelab, by layer, lowest first
     "core": {"config", "layers", "ffn", "router", "dispatch", "balance", "moe", "mla", "model", "notebook"},
     "exchange": {"sendable", "dist", "timeline", "network", "collectives", "quant", "wire", "exchange", "twohop", "ep"},
-    "training": {"corpus", "data", "checkpoint", "train", "dp", "compression", "diloco", "ddp_hooks", "qexperts"},
+    "training": {"corpus", "data", "checkpoint", "train", "dp", "compression", "diloco", "ddp_hooks", "qexperts",
+                 "accumulation", "mixed_precision"},
     "analysis": {"presets", "sizing", "analysis", "viz", "bench", "exercises"},
     "experiments": {"experiments"},
 }
