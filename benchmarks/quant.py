@@ -3,7 +3,8 @@
     python benchmarks/quant.py
 
 1. Square GEMMs (M = N = K from 256 to 2048): fp32 and bf16 ``torch.matmul`` against the INT8 product of
-   moelab.quant.int8_mm (``torch._int_mm``, int8 × int8 → int32), interleaved round by round, medians, 2 threads.
+   ``torch._int_mm`` (int8 × int8 → int32), interleaved round by round, medians, 2 threads; the JSON records
+   which path moelab.quant.int8_mm takes here (the kernel, or its exact float64 emulation where that is faster).
    The raw products: quantising the operands is not timed (weights are quantised once; W8A8 pays for its
    activations on every call). The JSON records torch's CPU capability (the vector instructions it uses).
    Target (issue #7): INT8 at least 1.8× the fp32 matmul's speed at 1024×1024×1024.
@@ -27,7 +28,7 @@ from moelab.bench import interleaved_medians, steady_allocator, target, write_re
 from moelab.data import load_corpus
 from moelab.experiments.moe_vs_dense import load_trained
 from moelab.qexperts import SCHEMES, quantized_copy
-from moelab.quant import int8_mm, int8_mm_available, pack, quantize
+from moelab.quant import int8_kernel_faster, int8_mm_available, pack, quantize
 from moelab.train import evaluate
 
 SIZES = [256, 512, 1024, 2048]
@@ -43,7 +44,7 @@ def main() -> None:
         a16, b16 = a.bfloat16(), b.bfloat16()
         a8, b8 = torch.randint(-127, 128, (n, n), dtype=torch.int8), torch.randint(-127, 128, (n, n), dtype=torch.int8)
         ms = interleaved_medians({"fp32": lambda: a @ b.t(), "bf16": lambda: a16 @ b16.t(),
-                                  "int8": lambda: int8_mm(a8, b8)}, ROUNDS[n])
+                                  "int8": lambda: torch._int_mm(a8, b8.t())}, ROUNDS[n])
         for dtype, t in ms.items():
             rows.append({"kind": "gemm", "size": n, "dtype": dtype, "ms": round(t, 3),
                          "gflops": round(2 * n**3 / t / 1e6, 1), "speed_vs_fp32": round(ms["fp32"] / t, 3)})
@@ -73,6 +74,7 @@ def main() -> None:
                target("FP8 fine-grained val loss / fp32 val loss - 1 (course model)",
                       losses["fp8_fine"] / losses["fp32"] - 1, "<", 0.01)]
     write_result("quant", rows, targets, directory=Path(__file__).parent / "results", int_mm=int8_mm_available(),
+                 int8_mm_path="torch._int_mm" if int8_kernel_faster() else "float64 emulation",
                  steady_allocator=allocator, cpu_capability=torch.backends.cpu.get_cpu_capability())
 
 

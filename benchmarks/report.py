@@ -149,6 +149,24 @@ def quant_block(r: dict) -> str:
     return "\n".join(lines)
 
 
+def fp8_training_block(r: dict) -> str:
+    lines = ["| run | seed | val loss at the end | vs fp32 (same seed) |", "|---|---|---|---|"]
+    for row in (row for row in r["rows"] if row["kind"] == "race"):
+        lines.append(f"| {row['run']} | {row['seed']} | {row['val_loss']:.4f} | {row['val_vs_fp32']:+.2%} |")
+    lines += ["", "| one layer, recipe | result | moelab vs torchao (max diff / max) | moelab vs fp32 | "
+              "torchao vs fp32 |", "|---|---|---|---|---|"]
+    for row in (row for row in r["rows"] if row["kind"] == "one_layer"):
+        for name in ("output", "input_grad", "weight_grad"):
+            lines.append(f"| {row['recipe']} | {name.replace('_', ' ')} | {row[name + '_max_diff']:.1e} | "
+                         f"{row[name + '_moelab_vs_fp32']:.2%} | {row[name + '_torchao_vs_fp32']:.2%} |")
+    lines += ["", "| K | rounding | max relative error, 14-bit accumulator | promoted to fp32 every 128 |",
+              "|---|---|---|---|"]
+    for row in (row for row in r["rows"] if row["kind"] == "accumulation"):
+        lines.append(f"| {row['K']} | {row['rounding'].replace('_', ' ')} | {row['without_promotion']:.2e} | "
+                     f"{row['promoted_every_128']:.2e} |")
+    return "\n".join(lines + [_targets(r)])
+
+
 def slow_link_block(r: dict) -> str:
     c = r["config"]
     lines = [f"{c['steps']} optimizer steps on {c['nodes']} nodes × {c['per_node']} ranks (between nodes: α "
@@ -216,7 +234,8 @@ def _targets(r: dict) -> str:
 
 BLOCKS = {"notebooks": notebooks_block, "moe_dispatch": moe_dispatch_block, "train_throughput": train_throughput_block,
           "expert_parallel": expert_parallel_block, "collectives": collectives_block, "quant": quant_block,
-          "slow_link": slow_link_block, "capstone": capstone_block, "sizing": sizing_block}
+          "fp8_training": fp8_training_block, "slow_link": slow_link_block, "capstone": capstone_block,
+          "sizing": sizing_block}
 
 
 def fill(text: str, name: str, body: str, where: str) -> str:

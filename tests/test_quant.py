@@ -207,3 +207,40 @@ def test_zero_rows_quantise_pack_and_come_back_empty():
     assert q2.shape == (0, 200) and s2.shape == (0, 2) and dequantize(q2, s2).shape == (0, 200)
     q3, s3 = unpack(pack(*quantize(torch.randn(3, 200), "int8"))[1:2], 200, "int8")   # one row: offset and strides
     assert q3.shape == (1, 200) and s3.shape == (1, 2)
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2"])
+def test_round_to_format_gives_the_casts_values_without_the_casts(fmt):
+    from moelab.quant import FORMATS, round_to_format
+
+    g = torch.Generator().manual_seed(0)
+    top = FORMAT_MAX[fmt]
+    edges = torch.tensor([0.0, -0.0, top, -top, 2 ** -6, 2 ** -9, 2 ** -10, 3 * 2 ** -10, 2 ** -14, 2 ** -16,
+                          2 ** -17, 1.0625, 1.1875, -1.0625, 1.5 * 2 ** -17])       # grid points and ties
+    x = torch.cat([torch.randn(20000, generator=g) * s for s in (1e-5, 1e-2, 1.0, 30.0)] + [edges]).clamp(-top, top)
+    assert torch.equal(round_to_format(x, fmt), x.to(FORMATS[fmt]).float())
+    with pytest.raises(ValueError, match="x is torch.float64; allowed: torch.float32"):
+        round_to_format(x.double(), fmt)
+
+
+@pytest.mark.parametrize("fmt, block", [("fp8_e4m3", (1, 128)), ("fp8_e4m3", (128, 128)), ("fp8_e5m2", (300, 200)),
+                                        ("int8", (1, 200))])
+def test_fake_quantize_equals_the_round_trip_through_8_bit_dtypes(fmt, block):
+    from moelab.quant import dequantize_blocks, fake_quantize, quantize_blocks
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(300, 200, generator=g)
+    x[:, 7] *= 1e3
+    x[:10] = 0.0                                                   # all-zero tiles stay zero
+    torch.testing.assert_close(fake_quantize(x, fmt, block),
+                               dequantize_blocks(*quantize_blocks(x, fmt, block), block), rtol=0, atol=0)
+
+
+def test_int8_mm_gives_the_same_integers_whichever_path_is_faster():
+    from moelab.quant import _emulated_int8_mm, int8_kernel_faster, int8_mm
+
+    g = torch.Generator().manual_seed(2)
+    a, b = (torch.randint(-127, 128, (64, 300), generator=g, dtype=torch.int8) for _ in range(2))
+    assert isinstance(int8_kernel_faster(), bool)
+    assert torch.equal(int8_mm(a, b), _emulated_int8_mm(a, b))
+    assert torch.equal(int8_mm(a, b), (a.long() @ b.long().t()).int())

@@ -125,3 +125,12 @@ def test_the_teaching_guide_plans_with_every_notebook():
     for heading in ("## Before the session", "## A half-day session", "## A full-day session",
                     "## Which cells to run live", "## Common problems", "## Binder and Colab"):
         assert heading in teaching
+
+
+def test_fp8_training_table_quotes_benchmarks_results():
+    results = json.loads((ROOT / "benchmarks" / "results" / "fp8_training.json").read_text(encoding="utf-8"))
+    section = README[README.index("## Training in 8 bits (measured)"):README.index("## Slow-link training (measured)")]
+    for row in (row for row in results["rows"] if row["kind"] == "race"):
+        assert f"| {row['run']} | {row['seed']} | {row['val_loss']:.4f} |" in section, row["run"]
+    for t in results["targets"]:
+        assert f"{t['name']} {t['op']} {t['target']}: {t['value']}" in section, t["name"]

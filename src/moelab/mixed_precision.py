@@ -15,12 +15,14 @@ that an outlier only coarsens its own group.
   "rowwise" recipe).
 - ``"tensorwise"``: one scale per operand (torchao's default "tensorwise" recipe; Transformer Engine's delayed
   scaling without the delay).
-- ``"int8"``: SwitchBack (Wortsman et al. 2023): forward and dgrad in INT8 with per-row scales through
-  ``torch._int_mm`` (exact int32 sums), wgrad in fp32, whose reduction over all tokens of the batch is the long
-  one that 8 bits would hurt.
+- ``"int8"``: SwitchBack (Wortsman et al. 2023): forward and dgrad in INT8 with per-row scales, summed exactly
+  (:func:`moelab.quant.int8_mm`: ``torch._int_mm`` where it is the faster here), wgrad in fp32, whose reduction
+  over all tokens of the batch is the long one that 8 bits would hurt.
 
-**The GEMM path.** Operands are quantised to torch's real 8-bit dtypes (:mod:`moelab.quant`), then multiplied by
-dequantising to fp32 (an exact FP8 × FP8 product summed in fp32, what a tensor core with fp32 promotion computes).
+**The GEMM path.** Operands are rounded to the 8-bit format's values with their scales
+(:func:`moelab.quant.fake_quantize`, equal to casting to torch's FP8 dtypes and back, without the casts that on
+a CPU cost more than the matmul) and multiplied in fp32: FP8 × FP8 products summed in fp32, what a tensor core
+with fp32 promotion computes.
 ``torch._scaled_mm`` computes the same numbers for per-tensor and per-row scales, but on a CPU it can be three
 orders of magnitude slower than fp32 (:func:`moelab.quant.scaled_mm` picks it on CUDA); the tests check the two
 agree. Dimensions need not be multiples of 128: a partial tile or block is scaled by its own amax (zero padding
@@ -39,7 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .ffn import Experts
-from .quant import dequantize_blocks, int8_mm, quantize_blocks
+from .quant import fake_quantize, int8_mm, quantize_blocks
 
 RECIPES = ("fine", "rowwise", "tensorwise", "int8")
 GRAD_FORMATS = ("fp8_e4m3", "fp8_e5m2")
@@ -65,27 +67,24 @@ def block_for(recipe: str, role: str, shape: tuple[int, int]) -> tuple[int, int]
     return (TILE, TILE) if role == "weight" else (1, TILE)
 
 
-def quantized(t: torch.Tensor, recipe: str, role: str, name: str, fmt: str = "fp8_e4m3") -> tuple:
-    """``(q, scales, block)`` of ``t`` ``(R, K)`` for ``recipe`` (``fmt`` its 8-bit format); ``name`` says which
-    operand of which GEMM it is, for the error a non-finite value raises."""
+def _finite(t: torch.Tensor, name: str) -> torch.Tensor:
     if not torch.isfinite(t).all():
         raise ValueError(f"{name} holds inf or NaN; allowed: finite values (8-bit scales cannot represent them: "
                          f"lower the learning rate or look for the overflow upstream)")
-    block = block_for(recipe, role, tuple(t.shape))
-    q, scales = quantize_blocks(t.detach().float(), fmt, block)
-    return q, scales, block
+    return t.detach().float()
 
 
 def gemm(a: torch.Tensor, a_role: str, b: torch.Tensor, b_role: str, recipe: str, name: str,
          formats: tuple[str, str] = ("fp8_e4m3", "fp8_e4m3")) -> torch.Tensor:
     """``a @ b.T`` in fp32 from 8-bit operands in ``formats``, both scaled along the reduction (their last
-    dimension); INT8 under the ``"int8"`` recipe."""
-    formats = ("int8", "int8") if recipe == "int8" else formats
-    qa, sa, block_a = quantized(a, recipe, a_role, f"{name}'s {a_role} operand", formats[0])
-    qb, sb, block_b = quantized(b, recipe, b_role, f"{name}'s {b_role} operand", formats[1])
+    dimension); INT8 under the ``"int8"`` recipe, its products summed exactly (:func:`moelab.quant.int8_mm`)."""
+    a = _finite(a, f"{name}'s {a_role} operand")
+    b = _finite(b, f"{name}'s {b_role} operand")
+    block_a, block_b = block_for(recipe, a_role, tuple(a.shape)), block_for(recipe, b_role, tuple(b.shape))
     if recipe == "int8":                                    # per-row scales: exact int32 sums, then rescale
+        (qa, sa), (qb, sb) = quantize_blocks(a, "int8", block_a), quantize_blocks(b, "int8", block_b)
         return int8_mm(qa, qb).float() * sa * sb.view(1, -1)
-    return dequantize_blocks(qa, sa, block_a) @ dequantize_blocks(qb, sb, block_b).t()
+    return fake_quantize(a, formats[0], block_a) @ fake_quantize(b, formats[1], block_b).t()
 
 
 class _Matmul8(torch.autograd.Function):

@@ -32,6 +32,7 @@ a matmul ``a @ b.T`` takes ``a`` ``(M, K)`` and ``b`` ``(N, K)``.
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 
@@ -93,6 +94,45 @@ def dequantize_blocks(q: torch.Tensor, scales: torch.Tensor, block=(1, 128),
     return (q.float() * full).clamp(-limit, limit).to(dtype)
 
 
+GRIDS = {"fp8_e4m3": (3, -6), "fp8_e5m2": (2, -14)}      # mantissa bits, exponent of the smallest normal number
+
+
+def round_to_format(x: torch.Tensor, fmt: str) -> torch.Tensor:
+    """The fp32 values of ``x`` (fp32, within ``±format_max``) rounded to ``fmt``'s nearest value, ties to even:
+    what ``x.to(fmt).float()`` gives, without the casts, which on a CPU cost more than the matmul they feed.
+
+    A normal fp32 number keeps its top ``m`` mantissa bits, rounded on its integer bit pattern (the carry moves
+    into the exponent by itself); below ``fmt``'s smallest normal number the grid is uniform, ``2^(e_min - m)``."""
+    if fmt not in GRIDS:
+        raise ValueError(f"fmt = {fmt!r} is not allowed; allowed: {', '.join(GRIDS)}")
+    if x.dtype != torch.float32:
+        raise ValueError(f"x is {x.dtype}; allowed: torch.float32")
+    mantissa, e_min = GRIDS[fmt]
+    drop = 23 - mantissa
+    bits = x.contiguous().view(torch.int32)
+    bits = (bits + ((1 << (drop - 1)) - 1) + ((bits >> drop) & 1)) & ~((1 << drop) - 1)
+    step = 2.0 ** (e_min - mantissa)
+    return torch.where(x.abs() < 2.0 ** e_min, torch.round(x / step) * step, bits.view(torch.float32))
+
+
+def fake_quantize(x: torch.Tensor, fmt: str, block) -> torch.Tensor:
+    """``dequantize_blocks(*quantize_blocks(x, fmt, block), block)`` computed in fp32 without 8-bit dtypes: the
+    values an 8-bit GEMM multiplies, for training loops where the casts would dominate.
+
+    Scales are ``amax / format_max`` in fp32 (1 for an all-zero block), so a value may differ from the float64
+    path of :func:`quantize_blocks` where the two scales round differently, by one step of ``fmt``'s grid at most."""
+    br, bc = _check(fmt, block)
+    if x.dim() != 2:
+        raise ValueError(f"x has {x.dim()} dimensions; allowed: 2")
+    R, C = x.shape
+    tiles = _pad_to_blocks(x.float(), (br, bc))
+    amax = tiles.abs().amax(dim=(1, 3), keepdim=True)
+    scales = torch.where(amax > 0, amax / FORMAT_MAX[fmt], torch.ones_like(amax))
+    scaled = (tiles / scales).clamp(-FORMAT_MAX[fmt], FORMAT_MAX[fmt])
+    grid = scaled.round() if fmt == "int8" else round_to_format(scaled, fmt)
+    return (grid * scales).reshape(tiles.shape[0] * br, tiles.shape[2] * bc)[:R, :C]
+
+
 def quantize(x: torch.Tensor, fmt: str = "fp8_e4m3", block: int = 128,
              pow2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """1×``block`` tiles along the last dimension of ``x`` (any shape): ``q`` with ``x``'s shape, ``scales`` fp32
@@ -138,14 +178,43 @@ def int8_mm_available() -> bool:
 _INT_MM: bool | None = None
 
 
+def _emulated_int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a.double() @ b.double().t()).to(torch.int32)
+
+
+def int8_kernel_faster() -> bool:
+    """Whether ``torch._int_mm`` beats its exact float64 emulation here, timed once on a 256³ product (median of
+    five). Both give the same integers, so the choice changes speed only: CPUs differ, and on some the int8
+    kernel is many times slower than a float matmul."""
+    global _INT_MM_FASTER
+    if _INT_MM_FASTER is None:
+        _INT_MM_FASTER = int8_mm_available() and _median_ms(torch._int_mm) < _median_ms(
+            lambda a, b: _emulated_int8_mm(a, b.t()))
+    return _INT_MM_FASTER
+
+
+def _median_ms(mm) -> float:
+    a = torch.randint(-127, 128, (256, 256), dtype=torch.int8)
+    times = []
+    for _ in range(6):
+        start = time.perf_counter()
+        mm(a, a)
+        times.append(time.perf_counter() - start)
+    return sorted(times[1:])[2] * 1e3
+
+
+_INT_MM_FASTER: bool | None = None
+
+
 def int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b.T`` for int8 ``a`` ``(M, K)`` and ``b`` ``(N, K)``, exact, in int32: ``torch._int_mm`` where available,
-    else products summed in float64 (exact while ``K·127² < 2^53``)."""
+    """``a @ b.T`` for int8 ``a`` ``(M, K)`` and ``b`` ``(N, K)``, exact, in int32: ``torch._int_mm`` where it runs
+    and is the faster (:func:`int8_kernel_faster`), else products summed in float64 (exact while
+    ``K·127² < 2^53``)."""
     if a.dtype != torch.int8 or b.dtype != torch.int8:
         raise ValueError(f"a and b are {a.dtype} and {b.dtype}; allowed: torch.int8 both")
-    if int8_mm_available() and a.shape[0] > 16:
+    if a.shape[0] > 16 and int8_kernel_faster():
         return torch._int_mm(a, b.t())
-    return (a.double() @ b.double().t()).to(torch.int32)
+    return _emulated_int8_mm(a, b)
 
 
 def w8a8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scales: torch.Tensor) -> torch.Tensor:
