@@ -1,6 +1,6 @@
 """Training in 8 bits against fp32 and against torchao, and why FP8 GEMMs promote their partial sums.
 
-    python benchmarks/fp8_training.py            # about 40 min on 2 CPU cores; resumes from runs/fp8_training/
+    python benchmarks/fp8_training.py            # about 20 min on 2 CPU cores; resumes from runs/fp8_training/
     python benchmarks/fp8_training.py --steps 20 # a quick look (not written to results/)
 
 1. The race (moelab.experiments.fp8_training): one MoE (d_model 256, experts 256 wide) trained from the same
@@ -28,7 +28,7 @@ import torch
 from moelab import notebook
 from moelab.accumulation import ROUNDINGS, accumulation_error
 from moelab.bench import target, write_result
-from moelab.experiments.fp8_training import RUNS, SEEDS, race, torchao_convert
+from moelab.experiments.fp8_training import RUNS, SEEDS, grad_format, race, torchao_convert
 from moelab.mixed_precision import Linear8
 
 K_VALUES = (128, 512, 1024, 2048, 4096)
@@ -47,7 +47,7 @@ def one_layer(recipe: str) -> dict:
         layer(x).backward(dy)
         return [layer(x0).detach(), x.grad, layer.weight.grad]
 
-    ours = Linear8(256, 512, recipe, "fp8_e5m2" if recipe == "tensorwise" else "fp8_e4m3")
+    ours = Linear8(256, 512, recipe, grad_format(recipe))
     ours.load_state_dict(base.state_dict())
     theirs = torchao_convert(torch.nn.Sequential(copy.deepcopy(base)), recipe)[0]
     exact = run(copy.deepcopy(base))
@@ -65,11 +65,11 @@ def main() -> None:
     args = parser.parse_args()
     notebook.setup(seed=0)
     rows = [dict(kind="race", **r) for r in race(args.steps)]
-    final = {(r["run"], r["seed"]): r["val_loss"] for r in rows}
-    mean = {run: sum(v for (name, _), v in final.items() if name == run) /
-            sum(1 for name, _ in final if name == run) for run in RUNS}
+    fp32 = {r["seed"]: r["val_loss"] for r in rows if r["run"] == "fp32"}        # fp32 runs every seed
+    finals = {run: [r["val_loss"] for r in rows if r["run"] == run] for run in RUNS}
+    mean = {run: sum(v) / len(v) for run, v in finals.items()}
     for r in rows:
-        r["val_vs_fp32"] = r["val_loss"] / final[("fp32", r["seed"])] - 1 if ("fp32", r["seed"]) in final else None
+        r["val_vs_fp32"] = r["val_loss"] / fp32[r["seed"]] - 1
         print(f"{r['run']:20s} seed {r['seed']}  val {r['val_loss']:.4f}  vs fp32 {r['val_vs_fp32']:+.2%}")
     rows += [one_layer(recipe) for recipe in ("tensorwise", "rowwise")]
     for K in K_VALUES:

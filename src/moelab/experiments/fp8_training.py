@@ -47,6 +47,12 @@ def train_config(steps: int, seed: int) -> TrainConfig:
                        eval_batches=8, checkpoint_interval=50, seed=seed)
 
 
+def grad_format(recipe: str) -> str:
+    """The output gradient's format of a moelab recipe here: E5M2 for ``tensorwise`` (torchao's tensorwise recipe,
+    which it is compared with), E4M3 otherwise (DeepSeek-V3)."""
+    return "fp8_e5m2" if recipe == "tensorwise" else "fp8_e4m3"
+
+
 def torchao_convert(model: torch.nn.Module, recipe: str) -> torch.nn.Module:
     """torchao's float8 training on every ``nn.Linear`` but the output head (kept in fp32, as in moelab's)."""
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
@@ -64,7 +70,7 @@ def build(run: str, seed: int, vocab_size: int) -> Transformer:
     if run.startswith("torchao_"):
         return torchao_convert(model, run.removeprefix("torchao_"))
     if run != "fp32":
-        convert(model, run, grad_format="fp8_e5m2" if run == "tensorwise" else "fp8_e4m3")
+        convert(model, run, grad_format=grad_format(run))
     return model
 
 
