@@ -15,19 +15,22 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-# Notebook outputs are compared exactly, so notebooks run with progress bars off and a fixed thread count.
-NB_ENV := TQDM_DISABLE=1 MOELAB_THREADS=2 PYTHONHASHSEED=0
+# Notebook outputs are compared exactly, so notebooks run with progress bars off and a fixed thread count: one
+# torch thread per process, so that two pytest workers share 2 cores without OpenMP's spinning threads slowing
+# each other many times over (the course's models are small: a second thread gains a notebook little).
+NB_ENV := TQDM_DISABLE=1 MOELAB_THREADS=1 OMP_NUM_THREADS=1 PYTHONHASHSEED=0
+# Benchmarks run alone and time with both cores.
+BENCH_ENV := TQDM_DISABLE=1 MOELAB_THREADS=2 PYTHONHASHSEED=0
 NBVAL  := --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout=600
-# The unit tests and the exercise notebooks on two pytest workers (pytest-xdist; each file whole on one worker),
-# then the chapters one after another: two training notebooks at once would run 4 torch threads on 2 cores, and
-# OpenMP's spinning threads then slow both many times over.
+# Everything on two pytest workers (pytest-xdist; each file whole on one worker, so a notebook's cells run in
+# order in one kernel), the chapters first: the long ones start early and the short unit tests fill the end.
 XDIST  := -n 2 --dist loadfile
 CHAPTERS := $(wildcard notebooks/[0-9][0-9]_*.ipynb)
 # `make execute` merges each cell's printed lines into one output, as a quiet machine would have printed them.
 EXECUTE := --ExecutePreprocessor.timeout=600 --ExecutePreprocessor.record_timing=False \
   --NotebookExporter.preprocessors=nbconvert.preprocessors.CoalesceStreamsPreprocessor \
   --CoalesceStreamsPreprocessor.enabled=True
-LINT   := $(BIN)/ruff check src tests benchmarks conftest.py
+LINT   := $(BIN)/ruff check src tests benchmarks tools conftest.py
 ROOT   := $(if $(filter 0,$(shell id -u 2>/dev/null)),--allow-root,)
 LAB_PORT ?= 8888
 
@@ -50,8 +53,7 @@ lint: $(STAMP)
 
 test: $(STAMP)
 	$(LINT)
-	$(NB_ENV) $(BIN)/python -m pytest $(XDIST) $(NBVAL) tests notebooks/exercises notebooks/solutions
-	$(NB_ENV) $(BIN)/python -m pytest $(NBVAL) $(CHAPTERS)
+	$(NB_ENV) $(BIN)/python -m pytest $(XDIST) $(NBVAL) $(CHAPTERS) notebooks/exercises notebooks/solutions tests
 
 test-fast: $(STAMP)
 	$(LINT)
@@ -63,8 +65,7 @@ test-fast: $(STAMP)
 PORTABLE := $(NB_ENV) MOELAB_NBVAL=portable ATEN_CPU_CAPABILITY=default
 test-portable: $(STAMP)
 	rm -f runs/01_dense_baseline.pt
-	$(PORTABLE) $(BIN)/python -m pytest $(XDIST) $(NBVAL) notebooks/exercises notebooks/solutions
-	$(PORTABLE) $(BIN)/python -m pytest $(NBVAL) $(CHAPTERS)
+	$(PORTABLE) $(BIN)/python -m pytest $(XDIST) $(NBVAL) $(CHAPTERS) notebooks/exercises notebooks/solutions
 	rm -f runs/01_dense_baseline.pt
 
 execute: $(STAMP)
@@ -73,7 +74,7 @@ execute: $(STAMP)
 
 bench: $(STAMP)
 	@for script in $(filter-out benchmarks/report.py,$(wildcard benchmarks/*.py)); do \
-	  echo "== $$script"; $(NB_ENV) $(BIN)/python $$script || exit 1; done
+	  echo "== $$script"; $(BENCH_ENV) $(BIN)/python $$script || exit 1; done
 	$(BIN)/python benchmarks/report.py
 
 lock:

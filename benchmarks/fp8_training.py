@@ -20,50 +20,22 @@ Writes benchmarks/results/fp8_training.json.
 from __future__ import annotations
 
 import argparse
-import copy
 from pathlib import Path
-
-import torch
 
 from moelab import notebook
 from moelab.accumulation import ROUNDINGS, accumulation_error
 from moelab.bench import target, write_result
-from moelab.experiments.fp8_training import RUNS, SEEDS, grad_format, race, torchao_convert
-from moelab.mixed_precision import Linear8
+from moelab.experiments.fp8_training import RUNS, SEEDS, one_layer, race
 
 K_VALUES = (128, 512, 1024, 2048, 4096)
 AGREEMENT_TOLERANCE = 1e-5
-
-
-def one_layer(recipe: str) -> dict:
-    """moelab's recipe against torchao's on one linear layer: the largest difference of each result, relative to
-    its largest value, and each one's error against fp32."""
-    torch.manual_seed(0)
-    base = torch.nn.Linear(256, 512, bias=False)
-    x0, dy = torch.randn(256, 256), torch.randn(256, 512)
-
-    def run(layer: torch.nn.Module) -> list[torch.Tensor]:
-        x = x0.clone().requires_grad_()
-        layer(x).backward(dy)
-        return [layer(x0).detach(), x.grad, layer.weight.grad]
-
-    ours = Linear8(256, 512, recipe, grad_format(recipe))
-    ours.load_state_dict(base.state_dict())
-    theirs = torchao_convert(torch.nn.Sequential(copy.deepcopy(base)), recipe)[0]
-    exact = run(copy.deepcopy(base))
-    row = {"kind": "one_layer", "recipe": recipe}
-    for name, a, b, e in zip(("output", "input_grad", "weight_grad"), run(ours), run(theirs), exact):
-        row[f"{name}_max_diff"] = float((a - b).abs().max() / b.abs().max())
-        row[f"{name}_moelab_vs_fp32"] = float((a - e).norm() / e.norm())
-        row[f"{name}_torchao_vs_fp32"] = float((b - e).norm() / e.norm())
-    return row
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=300)
     args = parser.parse_args()
-    notebook.setup(seed=0)
+    notebook.setup(seed=0, threads=2)
     rows = [dict(kind="race", **r) for r in race(args.steps)]
     fp32 = {r["seed"]: r["val_loss"] for r in rows if r["run"] == "fp32"}        # fp32 runs every seed
     finals = {run: [r["val_loss"] for r in rows if r["run"] == run] for run in RUNS}

@@ -7,7 +7,7 @@
 The stored outputs were recorded with the kernels named in notebooks/reference_platform.json. ATen picks its vector
 kernels at start-up, and ``ATEN_CPU_CAPABILITY`` overrides the choice: ``default`` gives the plain C++ kernels (as
 different again as an ARM laptop's), ``avx2`` what a CPU without AVX-512 runs. Each notebook is executed as
-``make test`` runs it (same kernels, progress bars off, 2 threads) in a scratch copy of notebooks/ with an empty
+``make test`` runs it (same kernels, progress bars off, 1 thread) in a scratch copy of notebooks/ with an empty
 runs/, so no checkpoint made on this machine is resumed. ``--against REV`` adds outputs recorded on a real other
 CPU: those a past revision stored, cell by cell where the cell's source is unchanged. Every compared cell is then set
 against its stored output, skipping what nbval skips (images among them): for each float that moved, how far beyond
@@ -50,7 +50,7 @@ from nbval_portable import (  # noqa: E402
 from moelab.bench import target, write_result  # noqa: E402
 
 SCRATCH = ROOT / "build" / "portable"
-NB_ENV = {"TQDM_DISABLE": "1", "MOELAB_THREADS": "2", "PYTHONHASHSEED": "0"}  # as in the Makefile
+NB_ENV = {"TQDM_DISABLE": "1", "MOELAB_THREADS": "1", "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}  # the Makefile's
 NOTEBOOKS = sorted(p.relative_to(ROOT / "notebooks").as_posix() for p in ROOT.glob("notebooks/**/*.ipynb"))
 SKIP = NBVAL_SKIP + ("image/png", "image/jpeg")  # nbval compares images only with --nbdime
 

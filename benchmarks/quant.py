@@ -42,7 +42,7 @@ def int8_kernel(a: torch.Tensor, b: torch.Tensor):
 
 
 def main() -> None:
-    notebook.setup(seed=0)
+    notebook.setup(seed=0, threads=2)
     allocator = steady_allocator()
     rows = []
     for n in SIZES:
@@ -73,15 +73,20 @@ def main() -> None:
         print(f"{scheme:13s} val loss {losses[scheme]:.5f} ({losses[scheme] / losses['fp32'] - 1:+.4%}), "
               f"routed experts stored in {stored:,d} B")
     speed = next(r["speed_vs_fp32"] for r in rows if r.get("size") == 1024 and r.get("dtype") == "int8")
+    capability = torch.backends.cpu.get_cpu_capability()
     payload = next(r for r in rows if r.get("d_model") == 7168)
     targets = [target("int8 GEMM speed / fp32 at 1024x1024x1024", speed, ">=", 1.8),
                target("FP8 dispatch bytes with scales / fp32", payload["vs_fp32"], "<=", 0.27),
                target("FP8 dispatch bytes with scales / bf16", payload["vs_bf16"], "<=", 0.53),
                target("FP8 fine-grained val loss / fp32 val loss - 1 (course model)",
                       losses["fp8_fine"] / losses["fp32"] - 1, "<", 0.01)]
+    if not targets[0]["met"]:
+        targets[0]["why"] = (f"torch's CPU int8 GEMM has no fast kernel for this CPU ({capability} kernels): the "
+                             "target was met (3-4x) on an AVX-512 CPU with int8 dot-product instructions, and "
+                             "moelab.quant.int8_mm takes its float64 emulation here")
     write_result("quant", rows, targets, directory=Path(__file__).parent / "results", int_mm=int8_mm_available(),
                  int8_mm_path="torch._int_mm" if int8_kernel_faster() else "float64 emulation",
-                 steady_allocator=allocator, cpu_capability=torch.backends.cpu.get_cpu_capability())
+                 steady_allocator=allocator, cpu_capability=capability)
 
 
 if __name__ == "__main__":

@@ -167,6 +167,18 @@ def fp8_training_block(r: dict) -> str:
     return "\n".join(lines + [_targets(r)])
 
 
+def fp8_outliers_block(r: dict) -> str:
+    rows = r["rows"]
+    errors = {recipe: [row[f"error_{recipe}"] for row in rows] for recipe in ("fine", "rowwise", "tensorwise")}
+    return (f"The race's fp32 model after 300 steps has no outlier channels: over the inputs of its {len(rows)} "
+            f"converted products the largest channel's amax is at most "
+            f"{max(row['largest_over_median_channel'] for row in rows):.1f}× the median channel's, and the forward "
+            "product's relative error in FP8 is " + ", ".join(f"{min(v):.2%}–{max(v):.2%} {recipe}"
+                                                                for recipe, v in errors.items())
+            + " (`benchmarks/fp8_outliers.py`). Notebook 08 makes outlier channels by hand to show where the "
+              "recipes part.")
+
+
 def slow_link_block(r: dict) -> str:
     c = r["config"]
     lines = [f"{c['steps']} optimizer steps on {c['nodes']} nodes × {c['per_node']} ranks (between nodes: α "
@@ -234,8 +246,8 @@ def _targets(r: dict) -> str:
 
 BLOCKS = {"notebooks": notebooks_block, "moe_dispatch": moe_dispatch_block, "train_throughput": train_throughput_block,
           "expert_parallel": expert_parallel_block, "collectives": collectives_block, "quant": quant_block,
-          "fp8_training": fp8_training_block, "slow_link": slow_link_block, "capstone": capstone_block,
-          "sizing": sizing_block}
+          "fp8_training": fp8_training_block, "fp8_outliers": fp8_outliers_block, "slow_link": slow_link_block,
+          "capstone": capstone_block, "sizing": sizing_block}
 
 
 def fill(text: str, name: str, body: str, where: str) -> str:

@@ -23,7 +23,7 @@ ROUNDS = 40
 
 
 def main() -> None:
-    notebook.setup(seed=0)
+    notebook.setup(seed=0, threads=2)
     allocator = steady_allocator()
     data = load_corpus()
     cfg = train_config(steps=1000)

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from moelab.notebook import DEFAULT_THREADS
+
 REFERENCE = Path(__file__).resolve().parents[1] / "notebooks" / "reference_platform.json"
 MODES = ("auto", "exact", "portable")
 TAG_PREFIX = "portable-"
@@ -67,7 +69,7 @@ class PortableConfigError(ValueError):
 def this_platform() -> dict:
     """What the stored outputs depend on: architecture, ATen's CPU kernels, torch and the notebooks' thread count."""
     return {"machine": platform.machine(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "torch": torch.__version__, "threads": int(os.environ.get("MOELAB_THREADS", "2"))}
+            "torch": torch.__version__, "threads": int(os.environ.get("MOELAB_THREADS", str(DEFAULT_THREADS)))}
 
 
 def reference_platform(path: Path = REFERENCE) -> dict:

@@ -18,8 +18,8 @@ SOLUTIONS = Path(__file__).resolve().parents[1] / "notebooks" / "solutions"
 def _run(name: str) -> dict:
     """Every code cell of the solution notebook in one namespace, with the caller's torch thread count kept.
 
-    The notebook's ``notebook.setup()`` sets the course's 2 threads; left in place, two pytest workers would run
-    4 threads on 2 cores.
+    The notebook's ``notebook.setup()`` sets the course's thread count; the caller's is restored after it, so a
+    pytest worker keeps the one it was given.
     """
     nb = json.loads((SOLUTIONS / name).read_text(encoding="utf-8"))
     namespace: dict = {"__name__": "__main__"}       # as in a notebook: ranks get its functions by value

@@ -12,6 +12,7 @@ from . import (
                collectives,
                dense,
                expert_parallel,
+               fp8_training,
                moe_layer,
                moe_vs_dense,
                orientation,
@@ -22,7 +23,7 @@ from . import (
 from .core import Verdict, learner_facing
 
 MODULES = (orientation, dense, moe_layer, balancing, moe_vs_dense, expert_parallel, collectives, quantization,
-           slow_link, trillion, capstone)                                          # notebooks 00 … 10
+           fp8_training, slow_link, trillion, capstone)                            # notebooks 00 … 11
 __all__ = ["Verdict"] + [name for module in MODULES for name in module.__all__]
 # what the notebooks call: each check, with an unfilled stub's traceback trimmed to the learner's cell
 globals().update({name: learner_facing(getattr(module, name)) for module in MODULES for name in module.__all__})

@@ -18,15 +18,20 @@ Each run checkpoints to ``runs/fp8_training/`` under the current folder every 50
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
+import io
 import json
+import logging
 import time
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
 from ..config import ModelConfig
 from ..data import TextData, load_corpus
-from ..mixed_precision import convert
+from ..mixed_precision import Linear8, convert
 from ..model import Transformer
 from ..presets import BALANCE
 from ..train import TrainConfig, train
@@ -53,12 +58,52 @@ def grad_format(recipe: str) -> str:
     return "fp8_e5m2" if recipe == "tensorwise" else "fp8_e4m3"
 
 
+def import_torchao() -> ModuleType:
+    """``torchao``, imported without the warnings it prints on a CPU: CUDA kernel libraries it cannot load there,
+    and a notice from torch's pytree registry (via logging). Nothing else is silenced."""
+    pytree = logging.getLogger("torch.utils._pytree")
+    level = pytree.level
+    pytree.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            import torchao
+    finally:
+        pytree.setLevel(level)
+    return torchao
+
+
 def torchao_convert(model: torch.nn.Module, recipe: str) -> torch.nn.Module:
     """torchao's float8 training on every ``nn.Linear`` but the output head (kept in fp32, as in moelab's)."""
+    import_torchao()
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
     return convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name(recipe),
                                       module_filter_fn=lambda module, fqn: fqn != "output")
+
+
+def one_layer(recipe: str) -> dict:
+    """moelab's ``recipe`` against torchao's recipe of the same name on one 256 → 512 linear layer: for the output,
+    the input gradient and the weight gradient, the largest difference relative to the largest value
+    (``*_max_diff``), and each one's relative error against fp32."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(256, 512, bias=False)
+    x0, dy = torch.randn(256, 256), torch.randn(256, 512)
+
+    def run(layer: torch.nn.Module) -> list[torch.Tensor]:
+        x = x0.clone().requires_grad_()
+        layer(x).backward(dy)
+        return [layer(x0).detach(), x.grad, layer.weight.grad]
+
+    ours = Linear8(256, 512, recipe, grad_format(recipe))
+    ours.load_state_dict(base.state_dict())
+    theirs = torchao_convert(torch.nn.Sequential(copy.deepcopy(base)), recipe)[0]
+    exact = run(copy.deepcopy(base))
+    row = {"kind": "one_layer", "recipe": recipe}
+    for name, a, b, e in zip(("output", "input_grad", "weight_grad"), run(ours), run(theirs), exact):
+        row[f"{name}_max_diff"] = float((a - b).abs().max() / b.abs().max())
+        row[f"{name}_moelab_vs_fp32"] = float((a - e).norm() / e.norm())
+        row[f"{name}_torchao_vs_fp32"] = float((b - e).norm() / e.norm())
+    return row
 
 
 def build(run: str, seed: int, vocab_size: int) -> Transformer:
