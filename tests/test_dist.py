@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from moelab import sendable
-from moelab.dist import RankError, free_port, launch, main, max_ranks
+from moelab.dist import RankError, launch, main, max_ranks, rendezvous
 
 pytestmark = pytest.mark.slow            # spawns ranks, runs JupyterLab or installs: not in make test-fast
 
@@ -189,9 +189,11 @@ def test_more_ranks_than_the_machine_holds_are_refused():
         launch(all_reduce_rank, max_ranks() + 1)
 
 
-def test_free_port_can_be_bound():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", free_port()))
+def test_the_rendezvous_port_stays_taken_while_its_launch_runs():
+    """Another launch (another pytest worker, another notebook) cannot be given the same port meanwhile."""
+    store = rendezvous(10)
+    with socket.socket() as s, pytest.raises(OSError):
+        s.bind(("127.0.0.1", store.port))
 
 
 def test_torchrun_entry_point_refuses_to_run_without_torchrun(monkeypatch, capsys):

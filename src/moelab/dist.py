@@ -2,11 +2,11 @@
 
     results = launch(my_module.rank_fn, world_size=4, args=(...))   # one result per rank, in rank order
 
-Each rank is a fresh process that joins a process group — gloo on CPU, NCCL when every rank has its own GPU — on
-a free local port, with a timeout on the group and on every collective, and one torch thread. It calls
-``rank_fn(rank, world_size, *args)`` and sends back what it returns. The processes are started fresh, so the
-function and its arguments travel by value (:mod:`moelab.sendable`): one defined in a notebook cell runs on the ranks
-as it is, and a rank's traceback shows the cell's lines.
+Each rank is a fresh process that joins a process group — gloo on CPU, NCCL when every rank has its own GPU — at
+a store the caller serves on a free local port, with a timeout on the group and on every collective, and one
+torch thread. It calls ``rank_fn(rank, world_size, *args)`` and sends back what it returns. The processes are
+started fresh, so the function and its arguments travel by value (:mod:`moelab.sendable`): one defined in a
+notebook cell runs on the ranks as it is, and a rank's traceback shows the cell's lines.
 
 The processes come from a *forkserver* where the platform has one (Linux, macOS): one server process, started
 with the first launch, imports torch once, and every rank is forked from it ready to run, in tens of milliseconds
@@ -33,7 +33,6 @@ import importlib
 import io
 import os
 import queue as queue_module
-import socket
 import time
 import traceback
 from typing import Any, Callable
@@ -56,11 +55,12 @@ class RankError(RuntimeError):
         self.rank, self.remote_traceback = rank, remote_traceback
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def rendezvous(timeout: float) -> dist.TCPStore:
+    """The key-value store the ranks of one launch meet at, served by the caller on a port the OS picks and held
+    until the caller drops it: a port merely found free and released could be taken by another launch running at
+    the same moment (two pytest workers, two notebooks), whose ranks would then meet the wrong group."""
+    return dist.TCPStore("127.0.0.1", 0, None, True, timeout=datetime.timedelta(seconds=timeout),
+                         wait_for_workers=False)
 
 
 def default_backend(world_size: int = 1) -> str:
@@ -76,12 +76,14 @@ def rank_device(group: dist.ProcessGroup | None = None) -> torch.device:
     return torch.device("cpu")
 
 
-def init_process_group(rank: int, world_size: int, backend: str, timeout: float) -> None:
-    """Join the process group whose address is in ``MASTER_ADDR`` / ``MASTER_PORT``; with NCCL, rank ``r``
-    uses GPU ``r % device_count``. ``timeout`` (seconds) bounds the rendezvous and every collective."""
+def init_process_group(rank: int, world_size: int, backend: str, timeout: float,
+                       store: dist.Store | None = None) -> None:
+    """Join the process group met at ``store`` (or at ``MASTER_ADDR`` / ``MASTER_PORT``, as under torchrun); with
+    NCCL, rank ``r`` uses GPU ``r % device_count``. ``timeout`` (seconds) bounds the rendezvous and every
+    collective."""
     if backend == "nccl":
         torch.cuda.set_device(rank % torch.cuda.device_count())
-    dist.init_process_group(backend, rank=rank, world_size=world_size,
+    dist.init_process_group(backend, rank=rank, world_size=world_size, store=store,
                             timeout=datetime.timedelta(seconds=timeout))
 
 
@@ -112,13 +114,15 @@ def _rank_main(blob: bytes, rank: int, world_size: int, port: int, backend: str,
     """Body of each rank process: join the group, run the function packed in ``blob``, send back
     ("ok" | "error", rank, payload, printed text, time)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
+    wait = datetime.timedelta(seconds=timeout)
     torch.set_num_threads(threads)
     printed = io.StringIO()
     sources = {}
     try:
         with contextlib.redirect_stdout(printed):
             fn, args, sources = sendable.unpack(blob)
-            init_process_group(rank, world_size, backend, timeout)
+            store = dist.TCPStore("127.0.0.1", port, None, False, timeout=wait)      # the caller's rendezvous
+            init_process_group(rank, world_size, backend, timeout, store)
             result = fn(rank, world_size, *args)
         out.put(("ok", rank, sendable.result_bytes(result, _save), printed.getvalue(), time.time()))
     except BaseException:  # noqa: BLE001 — everything a rank raises goes back to the caller
@@ -191,9 +195,9 @@ def launch(fn: RankFn, world_size: int, args: tuple = (), backend: str | None = 
     blob = sendable.pack(fn, tuple(args))
     ctx = rank_context()
     out = ctx.Queue()
-    port = free_port()
+    store = rendezvous(timeout)                       # held until the ranks are gone
     processes = [ctx.Process(target=_rank_main, daemon=True,
-                             args=(blob, rank, world_size, port, backend, timeout, threads, out))
+                             args=(blob, rank, world_size, store.port, backend, timeout, threads, out))
                  for rank in range(world_size)]
     results: dict[int, Any] = {}
     printed: dict[int, str] = {}
@@ -223,6 +227,7 @@ def launch(fn: RankFn, world_size: int, args: tuple = (), backend: str | None = 
     finally:
         _stop(processes)
         out.close()
+        del store
         _print_by_rank(printed)
     return [results[rank] for rank in range(world_size)]
 
