@@ -15,9 +15,10 @@ that an outlier only coarsens its own group.
   "rowwise" recipe).
 - ``"tensorwise"``: one scale per operand (torchao's default "tensorwise" recipe; Transformer Engine's delayed
   scaling without the delay).
-- ``"int8"``: SwitchBack (Wortsman et al. 2023): forward and dgrad in INT8 with per-row scales, summed exactly
-  (:func:`moelab.quant.int8_mm`: ``torch._int_mm`` where it is the faster here), wgrad in fp32, whose reduction
-  over all tokens of the batch is the long one that 8 bits would hurt.
+- ``"int8"``: after SwitchBack (Wortsman et al. 2023): forward and dgrad in INT8 with per-row scales on both
+  operands (SwitchBack scales weights per tensor), summed exactly (:func:`moelab.quant.int8_mm`: ``torch._int_mm``
+  where it is the faster here), wgrad in fp32 (SwitchBack's is 16-bit), whose inner dimension — every token of the
+  batch — is the long one that 8 bits would hurt.
 
 **The GEMM path.** Operands are rounded to the 8-bit format's values with their scales
 (:func:`moelab.quant.fake_quantize`, equal to casting to torch's FP8 dtypes and back, without the casts that on
