@@ -12,7 +12,7 @@ LAYERS = {                # each top-level module or subpackage of moelab, by la
     "core": {"config", "layers", "ffn", "router", "dispatch", "balance", "moe", "mla", "model", "notebook"},
     "exchange": {"sendable", "dist", "timeline", "network", "collectives", "quant", "wire", "exchange", "twohop", "ep"},
     "training": {"corpus", "data", "checkpoint", "train", "dp", "compression", "diloco", "ddp_hooks", "qexperts",
-                 "accumulation", "mixed_precision"},
+                 "accumulation", "mixed_precision", "pipeline"},
     "analysis": {"presets", "sizing", "analysis", "viz", "bench", "exercises"},
     "experiments": {"experiments"},
 }
