@@ -87,3 +87,14 @@ def test_notebook_02s_stored_benchmark_lines_are_the_committed_results():
     expected = "".join(f"{t['name']}: {t['value']:.2f} (target {t['op']} {t['target']}, "
                        f"{'met' if t['met'] else 'missed'})\n" for t in bench["targets"])
     assert printed(cell) == expected, "rerun notebook 02 (make execute) after benchmarks/moe_dispatch.py"
+
+
+def test_each_chapters_time_to_run_is_its_measured_time():
+    """The "Time to run: about N s" a chapter opens with is its time in benchmarks/results/notebooks.json, to 5 s."""
+    rows = json.loads((ROOT / "benchmarks" / "results" / "notebooks.json").read_text(encoding="utf-8"))["rows"]
+    measured = {r["case"]: r["seconds"] for r in rows if r["case"][:2].isdigit()}
+    for path in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")):
+        opening = "".join(json.loads(path.read_text(encoding="utf-8"))["cells"][0]["source"])
+        found = re.search(r"\*\*Time to run:\*\* about (\d+) s", opening)
+        if found:
+            assert abs(int(found[1]) - measured[path.stem]) <= 5, (path.name, found[0], measured[path.stem])
