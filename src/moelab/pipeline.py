@@ -167,10 +167,6 @@ class StepRecord:
     events: list[tuple[str, float, float]]
     held: int
 
-    @property
-    def busy(self) -> float:
-        return sum(end - start for _, start, end in self.events)
-
 
 def run_schedule(stage: Stage, actions: list[Action], idx: torch.Tensor, targets: torch.Tensor,
                  microbatches: int, group: dist.ProcessGroup | None = None,

@@ -142,14 +142,6 @@ def _adamw_run(params: list[torch.Tensor], grads: list[list[torch.Tensor]], lr: 
     return [p.detach() for p in params]
 
 
-def _adamw_reference(params: list[torch.Tensor], grads: list[list[torch.Tensor]], lr: float) -> list[torch.Tensor]:
-    return _adamw_run(params, grads, lr)
-
-
-def _adamw_fp32_moments(params: list[torch.Tensor], grads: list[list[torch.Tensor]], lr: float) -> list[torch.Tensor]:
-    return _adamw_run(params, grads, lr, torch.float32)
-
-
 def _adamw_without_bias_correction(params: list[torch.Tensor], grads: list[list[torch.Tensor]],
                                    lr: float) -> list[torch.Tensor]:
     params = [p.clone() for p in params]
@@ -182,9 +174,10 @@ def check_adamw_bf16(fn) -> Verdict:
              case(**_adam_inputs(g, [(16, 16), (16,)], 5), lr=1e-2),
              case(**_adam_inputs(g, [(8, 300)], 20, scale=1e-3), lr=3e-3),
              case(**_adam_inputs(g, [(4, 4), (4,), (2, 2, 2)], 3), lr=1e-1)]
-    return run_check("check_adamw_bf16", fn, _adamw_reference, cases,
+    return run_check("check_adamw_bf16", fn, _adamw_run, cases,
                      against="moelab.mixed_precision.AdamW(moment_dtype=torch.bfloat16)", rtol=1e-5, atol=1e-6,
-                     hints=[(_adamw_fp32_moments, "store the moments in BF16 between steps (compute each step in "
-                                                  "fp32, then round the moments with .copy_ into BF16 tensors)."),
+                     hints=[(partial(_adamw_run, moment_dtype=torch.float32),
+                             "store the moments in BF16 between steps (compute each step in fp32, then round the "
+                             "moments with .copy_ into BF16 tensors)."),
                             (_adamw_without_bias_correction, "divide the moments by 1 − βᵗ (bias correction) "
                                                              "before the update.")])
