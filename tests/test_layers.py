@@ -10,9 +10,10 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "moelab"
 LAYERS = {                # each top-level module or subpackage of moelab, by layer, lowest first
     "core": {"config", "layers", "ffn", "router", "dispatch", "balance", "moe", "mla", "model", "notebook"},
-    "exchange": {"sendable", "dist", "timeline", "network", "collectives", "quant", "wire", "exchange", "twohop", "ep"},
+    "exchange": {"sendable", "dist", "timeline", "network", "collectives", "quant", "wire", "exchange", "twohop", "ep",
+                 "rounds", "overlap"},
     "training": {"corpus", "data", "checkpoint", "train", "dp", "compression", "diloco", "ddp_hooks", "qexperts",
-                 "accumulation", "mixed_precision", "pipeline"},
+                 "accumulation", "mixed_precision", "pipeline", "buckets"},
     "analysis": {"presets", "sizing", "analysis", "viz", "bench", "exercises"},
     "experiments": {"experiments"},
 }

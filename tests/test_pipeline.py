@@ -5,9 +5,23 @@ import torch
 from moelab import pipeline
 from moelab.config import ModelConfig
 from moelab.dist import launch
+from moelab.experiments.dualpipe_peer import dualpipe_order
 from moelab.model import Transformer
-from moelab.pipeline import Action, bubble_fraction, gpipe, in_flight, one_f_one_b, schedule, split_layers
+from moelab.pipeline import split_layers
 from moelab.presets import BALANCE
+from moelab.schedules import (
+    SCHEDULES,
+    Action,
+    bubble_fraction,
+    dualpipe,
+    dualpipe_bubble,
+    gpipe,
+    in_flight,
+    measured_bubbles,
+    one_f_one_b,
+    replay,
+    schedule,
+)
 
 
 def test_every_stage_runs_each_forward_then_its_backward_once():
@@ -42,7 +56,10 @@ def test_layers_split_as_evenly_as_possible():
 
 @pytest.mark.parametrize("call, message", [
     (lambda: split_layers(2, 4), "stages = 4 is not allowed for a model of n_layer = 2"),
-    (lambda: schedule("dualpipe", 4, 8), "schedule = 'dualpipe' is not allowed; allowed: 'gpipe', '1f1b'"),
+    (lambda: schedule("zb-v", 4, 8), "schedule = 'zb-v' is not allowed; allowed: 'gpipe', '1f1b', 'dualpipe'"),
+    (lambda: schedule("dualpipe", 3, 8), "stages = 3 is not allowed for DualPipe; allowed: an even number"),
+    (lambda: schedule("dualpipe", 4, 6), "microbatches = 6 is not allowed for DualPipe with 4 stages; allowed: an "
+                                         "even number >= 2 · stages = 8"),
     (lambda: gpipe(4, 0), "microbatches = 0 is not allowed"),
     (lambda: one_f_one_b(0, 4), "stages = 0 is not allowed"),
 ])
@@ -71,13 +88,16 @@ def one_process(config: ModelConfig, microbatches: int, batch: int, seed: int = 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", pipeline.SCHEDULES)
+@pytest.mark.parametrize("name", SCHEDULES)
 def test_a_pipelined_step_equals_one_process(name):
-    config, m, batch = small_lm(), 4, 8
+    config, m, batch = small_lm(), 8, 8
     results = launch(pipeline.step_rank, 4, args=(config, name, m, batch), timeout=120)
     loss, grads = one_process(config, m, batch)
-    assert results[-1]["loss"] == pytest.approx(loss, rel=1e-5)
-    got = {n: g for r in results for n, g in r["grads"].items()}
+    assert sum(r["loss"] for r in results) == pytest.approx(loss, rel=1e-5)
+    got: dict[str, torch.Tensor] = {}
+    for r in results:                                     # DualPipe: each parameter's two copies add up
+        for n, g in r["grads"].items():
+            got[n] = got[n] + g if n in got else g
     assert set(got) == set(grads)
     for n, g in grads.items():
         torch.testing.assert_close(got[n], g, rtol=1e-4, atol=1e-6, msg=n)
@@ -91,30 +111,43 @@ def test_a_bad_schedule_fails_on_its_rank_without_a_hang():
         launch(pipeline.step_rank, 2, args=(config, "1f1b", 3, 8), timeout=60)
 
 
-def test_measured_bubbles_of_an_ideal_1f1b_timeline_equal_the_formula():
-    """Stages whose F and B take 1 and 2 time units, actions started as soon as their inputs exist: the idle
-    share of every rank is (p − 1) / (m + p − 1)."""
-    p, m, F, B = 4, 8, 1.0, 2.0
-    plan = one_f_one_b(p, m)
-    done: dict[tuple[int, str], float] = {}
-    free = [0.0] * p
-    timeline = [[] for _ in range(p)]
-    position = [0] * p
-    while any(position[s] < len(plan[s]) for s in range(p)):
-        for s in range(p):
-            if position[s] == len(plan[s]):
-                continue
-            a = plan[s][position[s]]
-            needs = None                                  # the neighbour's action this one waits for
-            if a.kind == "F" and s > 0:
-                needs = (s - 1, f"F{a.mb}")
-            elif a.kind == "B" and s < p - 1:
-                needs = (s + 1, f"B{a.mb}")
-            if needs is not None and needs not in done:
-                continue
-            start = max(free[s], done.get(needs, 0.0))
-            end = start + (F if a.kind == "F" else B)
-            timeline[s].append((repr(a), start, end))
-            done[(s, repr(a))] = free[s] = end
-            position[s] += 1
-    assert pipeline.measured_bubbles(timeline) == pytest.approx([bubble_fraction(p, m)] * p)
+def ideal(F: float, B: float, W: float = 0.0):
+    """Action durations: F, a full backward B, its input part B − W when the weights' W is deferred."""
+    return lambda rank, a: F if a.kind == "F" else W if a.kind == "W" else B - W if a.defer_w else B
+
+
+def test_an_ideal_1f1b_timeline_idles_as_the_formula_says():
+    """F and B take 1 and 2 time units, actions start as soon as their inputs exist: the idle share of every rank
+    is (p − 1) / (m + p − 1)."""
+    for p, m in ((4, 8), (2, 5), (8, 8)):
+        timeline = replay(one_f_one_b(p, m), ideal(1.0, 2.0))
+        assert measured_bubbles(timeline) == pytest.approx([bubble_fraction(p, m)] * p)
+
+
+def test_an_ideal_dualpipe_timeline_idles_as_the_report_says_when_b_is_2f_and_w_is_f():
+    """The report's (p/2 − 1)(F&B + B − 3W) is exact on every rank when B = 2F and W = F (F&B = F + B)."""
+    for p, m in ((4, 8), (4, 16), (8, 16), (8, 20)):
+        for F in (1.0, 2.0):
+            timeline = replay(dualpipe(p, m), ideal(F, 2 * F, F))
+            step = max(end for rank in timeline for _, _, end in rank)
+            idle = [step - sum(end - start for _, start, end in rank) for rank in timeline]
+            assert idle == pytest.approx([dualpipe_bubble(p, F, 2 * F, F)] * p)
+            assert dualpipe_bubble(p, F, 2 * F, F) < (p - 1) * (F + 2 * F)      # less than 1F1B's
+
+
+def test_a_schedule_that_deadlocks_is_refused():
+    plan = one_f_one_b(2, 2)
+    plan[1] = [Action("B", 0), Action("F", 0)]
+    with pytest.raises(ValueError, match="the schedule deadlocks"):
+        replay(plan, ideal(1.0, 2.0))
+
+
+def test_dualpipe_holds_p_plus_1_microbatches_as_the_report_says():
+    assert [in_flight(a) for a in dualpipe(4, 8)] == [5, 5, 5, 5]
+    assert [in_flight(a) for a in dualpipe(8, 16)] == [9] * 8
+
+
+def test_our_dualpipe_is_deepseeks_order():
+    """The order of F, B and W chunks on every rank, as dualpipe 1.0.0's own step runs it."""
+    for p, m in ((2, 4), (4, 8), (4, 10), (6, 12), (8, 16), (8, 20)):
+        assert [[repr(a) for a in rank] for rank in dualpipe(p, m)] == dualpipe_order(p, m)

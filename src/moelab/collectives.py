@@ -34,55 +34,26 @@ import torch.distributed as dist
 
 from . import quant
 from .network import Network, Topology, chunk_sizes
+from .rounds import Message, post
 from .timeline import Timeline, phase
 
-Message = tuple[int, torch.Tensor]                      # (peer rank, tensor to send or buffer to receive into)
 SEGMENTS = 4                                            # pieces per ring message, to overlap sums with transfers
 
 
 def exchange(sends: Sequence[Message], recvs: Sequence[Message], net: Network | None = None,
              timeline: Timeline | None = None, label: str = "round",
              arrived: Callable[[int], None] | None = None) -> None:
-    """One round: post every send and receive at once, wait for all of them. Empty tensors are skipped on both
-    sides (both know the sizes). ``arrived(j)`` runs as soon as receive ``j`` is complete, while later ones may
-    still be in flight (to overlap reduction with transfer). With ``net``, the round lasts until its messages
-    would have arrived on the emulated links (:meth:`~moelab.network.Network.round_end`; one 8-byte time stamp
-    per peer travels along, not counted), and the bytes sent are counted per link class; with ``timeline``,
-    the round is one event."""
-    order = [j for j, (_, t) in enumerate(recvs) if t.numel()]
-    sends = [(peer, t) for peer, t in sends if t.numel()]
-    recvs = [recvs[j] for j in order]
+    """One round: post every send and receive at once, wait for all of them (:func:`moelab.rounds.post`). Empty
+    tensors are skipped on both sides (both know the sizes). ``arrived(j)`` runs as soon as receive ``j`` is
+    complete, while later ones may still be in flight (to overlap reduction with transfer). With ``net``, the
+    round lasts until its messages would have arrived on the emulated links
+    (:meth:`~moelab.network.Network.round_end`; one 8-byte time stamp per peer travels along, not counted), and
+    the bytes sent are counted per link class; with ``timeline``, the round is one event."""
     with phase(timeline, label) as event:
         start = time.perf_counter()
-        ops = [dist.P2POp(dist.isend, t.contiguous(), peer) for peer, t in sends]
-        ops += [dist.P2POp(dist.irecv, t, peer) for peer, t in recvs]
-        if net is not None:                          # each message carries when its round began on the sender
-            me = dist.get_rank()
-            sizes = [(peer, t.numel() * t.element_size()) for peer, t in sends]
-            recv_sizes = [(peer, t.numel() * t.element_size()) for peer, t in recvs]
-            round_time = net.round_time(me, sizes, recv_sizes)
-            begin = net.begin(net.now(), round_time)
-            device = (sends or recvs)[0][1].device if sends or recvs else torch.device("cpu")
-            stamp = torch.tensor([begin], dtype=torch.float64, device=device)
-            senders = sorted({peer for peer, _ in recvs})
-            stamps = {peer: torch.empty(1, dtype=torch.float64, device=device) for peer in senders}
-            ops += [dist.P2POp(dist.isend, stamp, peer) for peer in sorted({peer for peer, _ in sends})]
-            ops += [dist.P2POp(dist.irecv, stamps[peer], peer) for peer in senders]
-        if ops:
-            requests = dist.batch_isend_irecv(ops)
-            for j, request in zip(order, requests[len(sends):len(sends) + len(recvs)]):
-                request.wait()
-                if arrived is not None:
-                    arrived(j)
-            for request in requests[:len(sends)] + requests[len(sends) + len(recvs):]:
-                request.wait()
-        event.sent = sum(t.numel() * t.element_size() for _, t in sends)
-        event.received = sum(t.numel() * t.element_size() for _, t in recvs)
-        if net is not None:
-            for peer, n in sizes:
-                net.count(me, peer, n)
-            end = net.round_end(me, begin, sizes, recv_sizes, {peer: float(t) for peer, t in stamps.items()})
-            net.finish_round(round_time, end)
+        flight = post(sends, recvs, net, reserve=False)
+        flight.wait(arrived, overlapped=False)
+        event.sent, event.received = flight.sent, flight.received
         event.comm = time.perf_counter() - start
 
 

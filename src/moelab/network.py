@@ -17,7 +17,10 @@ prediction come true.
 sleeps not at all and keeps a *simulated* clock instead (:meth:`Network.now`): the real clock, except that every
 round's loopback time is replaced by its α-β time on the emulated links (late senders included, as above). The
 computation between rounds is measured as it runs; :meth:`Network.paused` leaves out what should not count
-(evaluation, say). ``link_seconds`` adds up the α-β time of the rounds alone.
+(evaluation, say). ``link_seconds`` adds up the α-β time of the rounds alone. With ``cpu_time=True`` the
+computation is measured in the rank's own CPU time (``time.thread_time``) instead of the wall clock, as if every
+rank had a core to itself: four ranks on a two-core laptop otherwise slow each other down by how many of them
+happen to compute at once, which would blur what overlapping communication with computation saves.
 """
 from __future__ import annotations
 
@@ -104,25 +107,39 @@ class Network:
     intra: Link = FAST
     inter: Link = SLOW
     virtual: bool = False
+    cpu_time: bool = False
     sent_bytes: dict[str, int] = field(default_factory=dict)
     messages: dict[str, int] = field(default_factory=dict)
     clock: float | None = None          # time (:meth:`now`) at which this rank's last round ended
     offset: float = 0.0                 # simulated minus real time (virtual networks)
     link_seconds: float = 0.0           # the α-β time of all rounds so far
 
-    def now(self) -> float:
-        """This rank's time on the network: ``perf_counter()``, shifted on a virtual network."""
-        return time.perf_counter() + self.offset
+    def __post_init__(self) -> None:
+        if self.cpu_time and not self.virtual:
+            raise ValueError("Network: cpu_time = True is not allowed with virtual = False (a rank cannot sleep in CPU "
+                             "time); allowed: cpu_time with a virtual network")
+        self.reset()
 
-    def finish_round(self, round_time: float, end: float) -> None:
+    def now(self) -> float:
+        """This rank's time on the network: ``perf_counter()`` (``thread_time()`` with ``cpu_time``), shifted on a
+        virtual network."""
+        return self._real() + self.offset
+
+    def _real(self) -> float:
+        return time.thread_time() if self.cpu_time else time.perf_counter()
+
+    def finish_round(self, round_time: float, end: float, waited_from: float | None = None) -> None:
         """A round is over on this rank; on the emulated links it ends at ``end``: sleep until then, or on a
-        virtual network move the simulated clock there (earlier or later than the real clock)."""
+        virtual network move the simulated clock there (earlier or later than the real clock). A round that was
+        in flight while the rank computed (:mod:`moelab.rounds`) ends at the later of ``end`` and
+        ``waited_from``, when the rank began to wait for it."""
         self.link_seconds += round_time
+        target = end if waited_from is None else max(end, waited_from)
         if self.virtual:
-            self.offset += end - self.now()
-        elif end > self.now():
-            time.sleep(end - self.now())
-        self.clock = max(end, self.now())
+            self.offset += target - self.now()
+        elif target > self.now():
+            time.sleep(target - self.now())
+        self.clock = max(end, self.now(), self.clock if self.clock is not None else end)
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -131,13 +148,13 @@ class Network:
         not counted."""
         if not self.virtual:
             raise ValueError("Network.paused: virtual = False is not allowed; allowed: a virtual network")
-        start = time.perf_counter()
+        start = self._real()
         saved = dict(self.sent_bytes), dict(self.messages), self.clock, self.offset, self.link_seconds
         try:
             yield
         finally:
             self.sent_bytes, self.messages, self.clock, self.offset, self.link_seconds = saved
-            self.offset -= time.perf_counter() - start
+            self.offset -= self._real() - start
 
     def link(self, a: int, b: int) -> Link:
         return self.intra if self.topology.node(a) == self.topology.node(b) else self.inter
@@ -177,11 +194,12 @@ class Network:
         self.messages[name] = self.messages.get(name, 0) + 1
 
     def reset(self) -> None:
-        """Zero the counters and the clocks (all ranks together: simulated clocks restart from the real one)."""
+        """Zero the counters and the clocks (all ranks together, after a barrier: simulated clocks restart from the
+        real one, or from zero in CPU time, which every rank counts from its own start)."""
         self.sent_bytes.clear()
         self.messages.clear()
         self.clock = None
-        self.offset = 0.0
+        self.offset = -time.thread_time() if self.cpu_time else 0.0
         self.link_seconds = 0.0
 
 

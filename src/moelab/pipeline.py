@@ -1,32 +1,25 @@
-"""Pipeline parallelism: a model's layers cut into stages on different ranks, micro-batches flowing through them.
+"""Pipeline parallelism on real ranks: the course LM cut into stages, a schedule's actions run with P2P messages.
 
-A batch is cut into ``m`` micro-batches. Stage ``s`` (on rank ``s``) runs its layers on each micro-batch and sends
-the activations to stage ``s + 1``; in the backward pass the gradients flow back the same way. What differs between
-schedules is the *order* in which each stage runs its forwards (F) and backwards (B):
+:class:`Stage` is a slice of a :class:`~moelab.model.Transformer` (the embedding on the first stage, the head and
+the loss on the last), and :func:`run_schedule` runs one rank's actions of a schedule from :mod:`moelab.schedules`
+— GPipe, 1F1B or DualPipe — on real ranks: point-to-point ``isend``/``recv`` of activations and gradients, each
+message tagged with what it carries, so that a send never waits for its receiver, two neighbours that send to each
+other at the same moment do not deadlock, and DualPipe's two directions never take each other's messages; every
+receive has the process group's timeout. A DualPipe rank holds two stages, one of each copy of the model
+(``chunk`` 0 and 1); a backward with ``defer_w`` computes only its input's gradient
+(``torch.autograd.backward(..., inputs=[x])``) and the later W the weights' (its graph kept until then).
 
-- **GPipe** (Huang et al. 2019): every micro-batch's forward, then every backward. A stage keeps the activations
-  of all ``m`` micro-batches until their backward.
-- **1F1B** (PipeDream-Flush, Narayanan et al. 2021): stage ``s`` runs ``p − 1 − s`` forwards to fill the pipe,
-  then alternates one forward and one backward, then drains. It keeps at most ``p − s`` micro-batches'
-  activations instead of ``m``.
-
-Both idle the same time, the *bubble*: the last stage waits ``(p − 1)·F`` for its first micro-batch, the first
-stage ``(p − 1)·B`` for its first gradient, so with equal stages a step lasts ``(m + p − 1)·(F + B)`` of which
-``(p − 1)·(F + B)`` is idle — a fraction ``(p − 1) / (m + p − 1)`` (:func:`bubble_fraction`).
-
-A schedule here is data (:class:`Action` lists, one per stage, from :func:`gpipe` and :func:`one_f_one_b`), and
-:func:`run_schedule` executes one on real ranks: point-to-point ``isend``/``recv`` of activations and gradients,
-so that a send never waits for its receiver and two neighbours that send to each other at the same moment do not
-deadlock; every receive has the process group's timeout. Gradients are accumulated over the micro-batches as one
-process accumulates them (each micro-batch's loss divided by ``m``), and the MoE layers' balancing losses join the
-backward of the micro-batch that produced them, so a pipelined step equals one process's step in loss and in every
-gradient (tests/test_pipeline.py).
+Gradients are accumulated over the micro-batches as one process accumulates them (each micro-batch's loss divided
+by ``m``), and the MoE layers' balancing losses join the backward of the micro-batch that produced them, so a
+pipelined step equals one process's step in loss and in every gradient — with DualPipe, once each parameter's
+gradients from its two copies are added (tests/test_pipeline.py).
 
 Shapes: token ids ``(B, T)`` cut into ``m`` micro-batches of ``B / m``; activations between stages
 ``(B / m, T, d_model)``.
 """
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -37,79 +30,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .model import Transformer
-
-SCHEDULES = ("gpipe", "1f1b")
-
-
-@dataclass(frozen=True)
-class Action:
-    """One step of a stage's schedule: ``kind`` ``"F"`` (forward) or ``"B"`` (backward) of micro-batch ``mb``."""
-
-    kind: str
-    mb: int
-
-    def __repr__(self) -> str:
-        return f"{self.kind}{self.mb}"
+from .schedules import Action, schedule, stage_of
 
 
-def _check(stages: int, microbatches: int) -> None:
-    if not (isinstance(stages, int) and stages >= 1):
-        raise ValueError(f"stages = {stages!r} is not allowed; allowed: an integer >= 1")
-    if not (isinstance(microbatches, int) and microbatches >= 1):
-        raise ValueError(f"microbatches = {microbatches!r} is not allowed; allowed: an integer >= 1")
-
-
-def gpipe(stages: int, microbatches: int) -> list[list[Action]]:
-    """GPipe: on every stage, the forwards of all micro-batches, then their backwards in the same order."""
-    _check(stages, microbatches)
-    return [[Action("F", i) for i in range(microbatches)] + [Action("B", i) for i in range(microbatches)]
-            for _ in range(stages)]
-
-
-def one_f_one_b(stages: int, microbatches: int) -> list[list[Action]]:
-    """1F1B: stage ``s`` warms up with ``min(p − 1 − s, m)`` forwards, alternates forward and backward, then
-    runs the backwards left."""
-    _check(stages, microbatches)
-    out = []
-    for s in range(stages):
-        warmup = min(stages - 1 - s, microbatches)
-        actions = [Action("F", i) for i in range(warmup)]
-        forward, backward = warmup, 0
-        while forward < microbatches:
-            actions += [Action("F", forward), Action("B", backward)]
-            forward, backward = forward + 1, backward + 1
-        actions += [Action("B", i) for i in range(backward, microbatches)]
-        out.append(actions)
-    return out
-
-
-def schedule(name: str, stages: int, microbatches: int) -> list[list[Action]]:
-    """The schedule named ``name`` (:data:`SCHEDULES`)."""
-    makers = {"gpipe": gpipe, "1f1b": one_f_one_b}
-    if name not in makers:
-        raise ValueError(f"schedule = {name!r} is not allowed; allowed: {', '.join(map(repr, SCHEDULES))}")
-    return makers[name](stages, microbatches)
-
-
-def bubble_fraction(stages: int, microbatches: int) -> float:
-    """The idle share of a GPipe or 1F1B step with equal stages: ``(p − 1) / (m + p − 1)``."""
-    _check(stages, microbatches)
-    return (stages - 1) / (microbatches + stages - 1)
-
-
-def in_flight(actions: list[Action]) -> int:
-    """The most micro-batches whose activations a stage holds at once under ``actions`` (forward done, backward
-    not yet): ``m`` for GPipe, ``p − s`` for 1F1B on stage ``s``."""
-    held = most = 0
-    for a in actions:
-        held += 1 if a.kind == "F" else -1
-        most = max(most, held)
-    return most
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The mean cross-entropy of logits ``(b, T, vocab)`` against targets ``(b, T)``, in fp32."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
 
 def split_layers(n_layer: int, stages: int) -> list[range]:
     """The layers of each stage: as equal as possible, the first stages taking one more when they do not divide."""
-    _check(stages, 1)
+    if not (isinstance(stages, int) and stages >= 1):
+        raise ValueError(f"stages = {stages!r} is not allowed; allowed: an integer >= 1")
     if n_layer < stages:
         raise ValueError(f"stages = {stages} is not allowed for a model of n_layer = {n_layer}; allowed: at most "
                          f"{n_layer} stages (every stage needs a layer)")
@@ -142,10 +74,13 @@ class Stage(nn.Module):
         self.output = model.output if self.last else None
         self.register_buffer("rope_cos", model.rope_cos, persistent=False)
         self.register_buffer("rope_sin", model.rope_sin, persistent=False)
+        self.width = model.config.d_model
+        owned = {id(q) for q in self.parameters()}
+        self.param_names = {id(q): n for n, q in model.named_parameters() if id(q) in owned}   # the model's names
 
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(out, aux)``: the activations for the next stage (the mean cross-entropy on the last stage), and
-        this stage's MoE balancing losses of this forward."""
+        """``(out, aux)``: the activations for the next stage (on the last stage the mean cross-entropy against
+        ``targets``, or without them the logits), and this stage's MoE balancing losses of this forward."""
         if self.first:
             x = self.dropout(self.embed(x))
         for layer in self.layers:
@@ -154,113 +89,150 @@ class Stage(nn.Module):
                   torch.zeros((), device=x.device))
         if self.last:
             logits = self.output(self.norm(x))
-            x = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+            x = logits if targets is None else cross_entropy(logits, targets)
         return x, aux
 
 
 @dataclass
 class StepRecord:
-    """What :func:`run_schedule` measured on one rank: the mean micro-batch loss (last stage; 0 elsewhere), each
-    action's start and end (seconds from the step's start), and the most micro-batches held at once."""
+    """What :func:`run_schedule` measured on one rank: this rank's share of the step's loss (the micro-batch losses
+    of the last stages it holds, divided by ``m``; the step's loss is the sum over ranks), each action's start and
+    end (seconds from the step's start, computation only), and the most micro-batches held at once."""
 
     loss: float
     events: list[tuple[str, float, float]]
     held: int
 
 
-def run_schedule(stage: Stage, actions: list[Action], idx: torch.Tensor, targets: torch.Tensor,
-                 microbatches: int, group: dist.ProcessGroup | None = None,
+def _tag(kind: str, chunk: int | None, mb: int, microbatches: int) -> int:
+    """The message tag of micro-batch ``mb``'s activations (``"F"``) or gradients (``"B"``) in ``chunk``."""
+    return (2 * (kind == "B") + (chunk or 0)) * microbatches + mb
+
+
+def run_schedule(stages: Stage | tuple[Stage, Stage], actions: list[Action], idx: torch.Tensor,
+                 targets: torch.Tensor, microbatches: int, group: dist.ProcessGroup | None = None,
                  clock: Callable[[], float] = time.perf_counter) -> StepRecord:
-    """One training step's forwards and backwards of ``stage`` in the order of ``actions``; gradients accumulate
-    in the stage's parameters (call the optimizer afterwards). ``idx`` and ``targets`` ``(B, T)`` are the whole
-    batch, which every rank knows (only the first stage reads ``idx``, only the last ``targets``); ranks are the
-    stages in order within ``group``."""
+    """One training step's actions on this rank, in the order of ``actions``: a :class:`Stage` for GPipe and 1F1B,
+    a pair (chunk 0's stage, chunk 1's) for DualPipe, where chunk 0 carries the first ``m / 2`` micro-batches and
+    chunk 1 the rest. Gradients accumulate in the stages' parameters (call the optimizer afterwards). ``idx`` and
+    ``targets`` ``(B, T)`` are the whole batch, which every rank knows (only first stages read ``idx``, only last
+    ones ``targets``); ranks are the stages in order within ``group``. ``clock`` times the actions
+    (``time.thread_time`` for CPU time)."""
     B, T = idx.shape
     if B % microbatches:
         raise ValueError(f"microbatches = {microbatches} is not allowed for a batch of {B}; allowed: a divisor of {B}")
+    by_chunk = {None: stages} if isinstance(stages, Stage) else dict(enumerate(stages))
     ranks = dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
-    prev = ranks[stage.index - 1] if not stage.first else None
-    nxt = ranks[stage.index + 1] if not stage.last else None
-    mb = B // microbatches
-    shape = (mb, T, stage.layers[0].attn.wq.in_features)                # the activations between stages
-    saved: dict[int, tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]] = {}
-    pending: list[tuple[dist.Work, torch.Tensor]] = []          # a tensor in flight must outlive its send
-    events, losses, held, most = [], [], 0, 0
+    p = next(iter(by_chunk.values())).stages
+    mb_rows = B // microbatches
+    per_chunk = microbatches // len(by_chunk)
+
+    def rows(a: Action) -> slice:
+        i = (a.chunk or 0) * per_chunk + a.mb
+        return slice(i * mb_rows, (i + 1) * mb_rows)
+
+    def neighbour(stage: Stage, chunk: int | None, step: int) -> int:
+        return ranks[stage_of(stage.index + step, chunk, p)]
+
+    saved: dict[tuple[int | None, int], tuple] = {}
+    later: dict[tuple[int | None, int], tuple] = {}           # deferred weight gradients: their graphs
+    pending: list[tuple[dist.Work, torch.Tensor]] = []        # a tensor in flight must outlive its send
+    events, loss, held, most = [], 0.0, 0, 0
     start = clock()
     for a in actions:
-        rows = slice(a.mb * mb, (a.mb + 1) * mb)
+        if a.chunk not in by_chunk:
+            raise ValueError(f"action {a!r} is not allowed on this rank; allowed: chunks {sorted(by_chunk, key=str)}")
+        stage, key = by_chunk[a.chunk], (a.chunk, a.mb)
         if a.kind == "F":
+            x_in = None
             if stage.first:
-                x_in = None
-                x = idx[rows]
+                x = idx[rows(a)]
             else:
-                x_in = torch.empty(shape)
-                dist.recv(x_in, prev, group=group)
+                x = x_in = torch.empty(mb_rows, T, stage.width)
+                dist.recv(x_in, neighbour(stage, a.chunk, -1), group=group, tag=_tag("F", a.chunk, a.mb, microbatches))
                 x_in.requires_grad_()
-                x = x_in
             t0 = clock()
-            out, aux = stage(x, targets[rows] if stage.last else None)
+            out, aux = stage(x, targets[rows(a)] if stage.last else None)
             events.append((repr(a), t0 - start, clock() - start))
             if stage.last:
-                losses.append(out.item())
+                loss += out.item() / microbatches
             else:
                 sent = out.detach().contiguous()
-                pending.append((dist.isend(sent, nxt, group=group), sent))
-            saved[a.mb] = (x_in, out, aux)
+                pending.append((dist.isend(sent, neighbour(stage, a.chunk, 1), group=group,
+                                           tag=_tag("F", a.chunk, a.mb, microbatches)), sent))
+            saved[key] = (x_in, out, aux)
             held += 1
             most = max(most, held)
         elif a.kind == "B":
-            if a.mb not in saved:
+            if key not in saved:
                 raise ValueError(f"action {a!r} comes before the forward of micro-batch {a.mb}; allowed: each "
                                  f"micro-batch's backward after its forward on the same stage")
-            x_in, out, aux = saved.pop(a.mb)
+            x_in, out, aux = saved.pop(key)
             if stage.last:
-                grad = None
+                tensors, grads = [(out + aux) / microbatches], [None]
             else:
-                grad = torch.empty(shape)
-                dist.recv(grad, nxt, group=group)
+                grad = torch.empty_like(out)
+                dist.recv(grad, neighbour(stage, a.chunk, 1), group=group, tag=_tag("B", a.chunk, a.mb, microbatches))
+                tensors, grads = [out], [grad]
+                if aux.requires_grad:
+                    tensors, grads = [out, aux / microbatches], [grad, None]
             t0 = clock()
-            if stage.last:
-                ((out + aux) / microbatches).backward()
+            if not a.defer_w:
+                torch.autograd.backward(tensors, grads)
+                held -= 1
             else:
-                torch.autograd.backward([out, aux / microbatches], [grad, None])
+                if x_in is not None:
+                    torch.autograd.backward(tensors, grads, inputs=[x_in], retain_graph=True)
+                later[key] = (tensors, grads)
             events.append((repr(a), t0 - start, clock() - start))
             if not stage.first:
                 sent = x_in.grad.contiguous()
-                pending.append((dist.isend(sent, prev, group=group), sent))
+                pending.append((dist.isend(sent, neighbour(stage, a.chunk, -1), group=group,
+                                           tag=_tag("B", a.chunk, a.mb, microbatches)), sent))
+        elif a.kind == "W":
+            if key not in later:
+                raise ValueError(f"action {a!r} has no deferred backward before it; allowed: a W after a B with "
+                                 f"defer_w of the same micro-batch")
+            tensors, grads = later.pop(key)
+            t0 = clock()
+            torch.autograd.backward(tensors, grads, inputs=[q for q in stage.parameters() if q.requires_grad])
+            events.append((repr(a), t0 - start, clock() - start))
             held -= 1
         else:
-            raise ValueError(f"action {a!r} is not allowed; allowed: kind 'F' or 'B'")
+            raise ValueError(f"action {a!r} is not allowed; allowed: kind 'F', 'B' or 'W'")
     for work, _ in pending:
         work.wait()
-    if saved:
-        raise ValueError(f"the schedule left micro-batches {sorted(saved)} without a backward; allowed: a schedule "
-                         f"with one F and one B of every micro-batch 0 … {microbatches - 1}")
-    return StepRecord(sum(losses) / microbatches if losses else 0.0, events, most)
+    if saved or later:
+        raise ValueError(f"the schedule left micro-batches {sorted(saved | later, key=str)} without their backward; "
+                         f"allowed: a schedule with an F and a B (and a W after a deferred B) of every micro-batch")
+    return StepRecord(loss, events, most)
 
 
-def step_rank(rank: int, world: int, config, name: str, microbatches: int, batch: int, seed: int = 0) -> dict:
+def stages_for(model: Transformer, name: str, rank: int, world: int) -> Stage | tuple[Stage, Stage]:
+    """This rank's stage of ``model`` under schedule ``name``; for DualPipe, stage ``rank`` of the model and stage
+    ``world − 1 − rank`` of a copy of it (the report's two copies of the parameters)."""
+    if name == "dualpipe":
+        return Stage(model, rank, world), Stage(copy.deepcopy(model), world - 1 - rank, world)
+    return Stage(model, rank, world)
+
+
+def step_rank(rank: int, world: int, config, name: str, microbatches: int, batch: int, seed: int = 0,
+              clock: Callable[[], float] = time.perf_counter) -> dict:
     """A rank of one pipelined training step (for :func:`moelab.dist.launch`): the model built from ``seed`` on
-    every rank, this rank's :class:`Stage` of ``world``, one step of schedule ``name`` on a batch of random
-    tokens. Returns the loss (last stage), this stage's gradients by the model's parameter names, the actions'
-    times and the most micro-batches held at once."""
+    every rank, this rank's stages of ``world`` (:func:`stages_for`), one step of schedule ``name`` on a batch of
+    random tokens. Returns this rank's share of the loss, its stages' gradients by the model's parameter names
+    (under DualPipe each name comes from two ranks, one per copy: their sum is the gradient), the actions' times
+    and the most micro-batches held at once."""
     torch.manual_seed(seed)
     model = Transformer(config)
-    stage = Stage(model, rank, world)
+    stages = stages_for(model, name, rank, world)
     g = torch.Generator().manual_seed(seed + 1)
     idx = torch.randint(config.vocab_size, (batch, config.block_size), generator=g)
     targets = torch.randint(config.vocab_size, (batch, config.block_size), generator=g)
     dist.barrier()
-    record = run_schedule(stage, schedule(name, world, microbatches)[rank], idx, targets, microbatches)
-    owned = {id(p) for p in stage.parameters()}
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if id(p) in owned and p.grad is not None}
+    record = run_schedule(stages, schedule(name, world, microbatches)[rank], idx, targets, microbatches,
+                          clock=clock)
+    grads = {}
+    for stage in (stages,) if isinstance(stages, Stage) else stages:
+        grads.update({stage.param_names[id(q)]: q.grad.clone() for q in stage.parameters() if q.grad is not None})
     return {"loss": record.loss, "grads": grads, "events": record.events, "held": record.held}
-
-
-def measured_bubbles(events: list[list[tuple[str, float, float]]]) -> list[float]:
-    """Each rank's idle share of the step, from its actions' ``(name, start, end)`` (one list per rank, times from
-    a common start): ``1 − busy / step``, the step lasting until the last rank's last action ends."""
-    step = max(end for rank in events for _, _, end in rank)
-    if not step > 0:
-        raise ValueError(f"the events end at {step!r}; allowed: a step that takes time")
-    return [1 - sum(end - start for _, start, end in rank) / step for rank in events]
