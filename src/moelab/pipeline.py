@@ -6,8 +6,9 @@ the loss on the last), and :func:`run_schedule` runs one rank's actions of a sch
 message tagged with what it carries, so that a send never waits for its receiver, two neighbours that send to each
 other at the same moment do not deadlock, and DualPipe's two directions never take each other's messages; every
 receive has the process group's timeout. A DualPipe rank holds two stages, one of each copy of the model
-(``chunk`` 0 and 1); a backward with ``defer_w`` computes only its input's gradient
-(``torch.autograd.backward(..., inputs=[x])``) and the later W the weights' (its graph kept until then).
+(``chunk`` 0 and 1); a backward with ``defer_w`` computes only its input's gradient and keeps the gradients
+at the weights' inputs, from which the later W computes the weights' gradients — torch's own split, the
+``stage_backward_input`` / ``stage_backward_weight`` its zero-bubble schedules use.
 
 Gradients are accumulated over the micro-batches as one process accumulates them (each micro-batch's loss divided
 by ``m``), and the MoE layers' balancing losses join the backward of the micro-batch that produced them, so a
@@ -22,12 +23,14 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
 
 from .model import Transformer
 from .schedules import Action, schedule, stage_of
@@ -135,7 +138,7 @@ def run_schedule(stages: Stage | tuple[Stage, Stage], actions: list[Action], idx
         return ranks[stage_of(stage.index + step, chunk, p)]
 
     saved: dict[tuple[int | None, int], tuple] = {}
-    later: dict[tuple[int | None, int], tuple] = {}           # deferred weight gradients: their graphs
+    later: dict[tuple[int | None, int], Callable] = {}        # deferred weight gradients, to run at W
     pending: list[tuple[dist.Work, torch.Tensor]] = []        # a tensor in flight must outlive its send
     events, loss, held, most = [], 0.0, 0, 0
     start = clock()
@@ -180,10 +183,12 @@ def run_schedule(stages: Stage | tuple[Stage, Stage], actions: list[Action], idx
             if not a.defer_w:
                 torch.autograd.backward(tensors, grads)
                 held -= 1
+            elif x_in is None:                          # a first stage's input has no gradient: all is for W
+                later[key] = partial(torch.autograd.backward, tensors, grads)
             else:
-                if x_in is not None:
-                    torch.autograd.backward(tensors, grads, inputs=[x_in], retain_graph=True)
-                later[key] = (tensors, grads)
+                weights = [q for q in stage.parameters() if q.requires_grad]
+                (x_in.grad,), groups = stage_backward_input(tensors, grads, [x_in], iter(weights))
+                later[key] = partial(stage_backward_weight, iter(weights), groups)
             events.append((repr(a), t0 - start, clock() - start))
             if not stage.first:
                 sent = x_in.grad.contiguous()
@@ -193,9 +198,9 @@ def run_schedule(stages: Stage | tuple[Stage, Stage], actions: list[Action], idx
             if key not in later:
                 raise ValueError(f"action {a!r} has no deferred backward before it; allowed: a W after a B with "
                                  f"defer_w of the same micro-batch")
-            tensors, grads = later.pop(key)
+            weight_gradients = later.pop(key)
             t0 = clock()
-            torch.autograd.backward(tensors, grads, inputs=[q for q in stage.parameters() if q.requires_grad])
+            weight_gradients()
             events.append((repr(a), t0 - start, clock() - start))
             held -= 1
         else:
