@@ -2,7 +2,7 @@
 
     python benchmarks/notebooks.py                  # every notebook, then `make test` in a fresh clone
     python benchmarks/notebooks.py --notebooks-only # skip the fresh clone (a few minutes less)
-    python benchmarks/notebooks.py --retime 10_trillion_scale   # time one chapter again, keep the other rows
+    python benchmarks/notebooks.py --retime 11_trillion_scale   # time one chapter again, keep the other rows
 
 Each notebook is executed alone, as a learner's `make lab` runs it (same kernel, progress bars off, 2 threads), on
 a copy, so the stored outputs are untouched. The fresh clone is `git clone` of this repository's HEAD into a
@@ -123,9 +123,13 @@ def _chapters_first(items: list[dict], key: str) -> list[dict]:
 
 def retime(names: list[str]) -> None:
     """Re-measure the named chapters in the committed notebooks.json (rows and targets; a new chapter is added),
-    the rest as they are."""
+    the rest as they are; rows of chapters no longer in notebooks/ (renamed by tools/renumber_chapters.py) go."""
     path = Path(__file__).parent / "results" / "notebooks.json"
     result = json.loads(path.read_text())
+    gone = {r["case"] for r in result["rows"] if r["case"][:2].isdigit()
+            and not (ROOT / "notebooks" / f"{r['case']}.ipynb").exists()}
+    result["rows"] = [r for r in result["rows"] if r["case"] not in gone]
+    result["targets"] = [t for t in result["targets"] if t["name"].split(" ")[0] not in gone]
     for name in names:
         matches = [p for p in (ROOT / "notebooks").glob(f"{name}*.ipynb")]
         if len(matches) != 1:
@@ -144,7 +148,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--notebooks-only", action="store_true", help="skip the fresh-clone `make test`")
     parser.add_argument("--retime", nargs="+", metavar="NOTEBOOK",
-                        help="time only these chapters again (e.g. 10_trillion_scale) and replace their rows and "
+                        help="time only these chapters again (e.g. 11_trillion_scale) and replace their rows and "
                              "targets in the committed results, keeping the rest")
     args = parser.parse_args()
     os.environ.update(NB_ENV)

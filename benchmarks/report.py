@@ -175,8 +175,31 @@ def fp8_outliers_block(r: dict) -> str:
             f"{max(row['largest_over_median_channel'] for row in rows):.1f}× the median channel's, and the forward "
             "product's relative error in FP8 is " + ", ".join(f"{min(v):.2%}–{max(v):.2%} {recipe}"
                                                                 for recipe, v in errors.items())
-            + " (`benchmarks/fp8_outliers.py`). Notebook 08 makes outlier channels by hand to show where the "
+            + " (`benchmarks/fp8_outliers.py`). Notebook 09 makes outlier channels by hand to show where the "
               "recipes part.")
+
+
+def overlap_block(r: dict) -> str:
+    rows = r["rows"]
+    lines = ["| EP, two blocks on 2 nodes × 2 ranks | step (ms) | compute (ms) | all-to-alls (ms) |",
+             "|---|---|---|---|"]
+    for row in (row for row in rows if row["kind"] == "ep"):
+        lines.append(f"| {row['variant']} | {1e3 * row['seconds']:.1f} | {1e3 * row['compute']:.1f} | "
+                     f"{1e3 * row['comm']:.1f} |")
+    lines += ["", "| DP step, 2 nodes over the slow link | step (ms) | all-reduce (ms) | buckets | hidden |",
+              "|---|---|---|---|---|"]
+    for row in (row for row in rows if row["kind"] == "dp"):
+        lines.append(f"| {row['way']} | {1e3 * row['seconds']:.0f} | {1e3 * row['link']:.0f} | {row['buckets']} | "
+                     f"{max(row['hidden'], 0.0):.0%} |")
+    lines += ["", f"| schedule, {r['stages']} stages, {r['microbatches']} micro-batches | F / B / W (ms) | idle "
+              "share (mean of ranks) | formula | micro-batches held | parameters per rank |",
+              "|---|---|---|---|---|---|"]
+    for row in (row for row in rows if row["kind"] == "pipeline"):
+        lines.append(f"| {row['schedule']} | {row['F_ms']:.1f} / {row['B_ms']:.1f} / {row['W_ms']:.1f} | "
+                     f"{row['bubble']:.3f} | {row['formula']:.3f} | {row['held']} | "
+                     f"{max(row['parameters']) / 1e6:.2f} M |")
+    why = [f"{t['name']}: {t['why']}" for t in r["targets"] if not t["met"] and "why" in t]
+    return "\n".join(lines + [_targets(r)] + (["", "Why missed: " + " ".join(why)] if why else []))
 
 
 def slow_link_block(r: dict) -> str:
@@ -246,6 +269,7 @@ def _targets(r: dict) -> str:
 
 BLOCKS = {"notebooks": notebooks_block, "moe_dispatch": moe_dispatch_block, "train_throughput": train_throughput_block,
           "expert_parallel": expert_parallel_block, "collectives": collectives_block, "quant": quant_block,
+          "overlap": overlap_block,
           "fp8_training": fp8_training_block, "fp8_outliers": fp8_outliers_block, "slow_link": slow_link_block,
           "capstone": capstone_block, "sizing": sizing_block}
 

@@ -1,4 +1,4 @@
-"""Data parallelism over a slow link: every method of notebook 09 for the same optimizer steps, side by side.
+"""Data parallelism over a slow link: every method of notebook 10 for the same optimizer steps, side by side.
 
     python benchmarks/slow_link.py            # about 8 minutes on 2 cores
 
@@ -11,7 +11,7 @@ momentum 0.9 instead of our 0.5. Recorded per method: the validation loss
 every 50 steps, the bytes every rank sent (per link class) and the analytic count, and the simulated wall-clock
 (measured compute + the links' α-β time). Targets (issue #8): DiLoCo with H = 50 sends ≥ 50× fewer bytes than
 DDP, with a final validation loss within 5% of DDP's; the INT8 all-reduce sends ≤ 0.26× the fp32 bytes.
-Writes benchmarks/results/slow_link.json (notebooks/09_slow_link_training.ipynb reads it).
+Writes benchmarks/results/slow_link.json (notebooks/10_slow_link_training.ipynb reads it).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The checks of notebook 08's exercises: the published solutions pass, plausible wrong answers fail with a
+"""The checks of notebook 09's exercises: the published solutions pass, plausible wrong answers fail with a
 message that names the input and the mistake, and an unfilled stub's NotImplementedError reaches the learner."""
 import pytest
 import torch
@@ -6,7 +6,7 @@ from solutions import load
 
 from moelab import exercises
 
-NS = load("08_fp8_training.ipynb")
+NS = load("09_fp8_training.ipynb")
 
 
 def test_the_published_solutions_pass():
@@ -105,7 +105,7 @@ def test_fp32_moments_fail_with_a_hint():
 
 def test_an_unfilled_stub_raises_for_the_learner():
     def stub(x, w, dy):
-        raise NotImplementedError("exercise 08.1: write fine_grained_gemms")
+        raise NotImplementedError("exercise 09.1: write fine_grained_gemms")
 
-    with pytest.raises(NotImplementedError, match="exercise 08.1"):
+    with pytest.raises(NotImplementedError, match="exercise 09.1"):
         exercises.check_fine_grained_gemms(stub)

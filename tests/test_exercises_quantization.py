@@ -1,4 +1,4 @@
-"""The checks of notebook 07's exercises: the published solutions pass, plausible wrong answers fail with a
+"""The checks of notebook 08's exercises: the published solutions pass, plausible wrong answers fail with a
 message that names the input and the mistake, and an unfilled stub's NotImplementedError reaches the learner."""
 import math
 
@@ -9,7 +9,7 @@ from solutions import load
 from moelab import exercises, quant
 from moelab.exercises.ranks import exchange
 
-NS = load("07_quantization.ipynb")
+NS = load("08_quantization.ipynb")
 
 
 def test_the_published_solutions_pass():
@@ -130,7 +130,7 @@ def test_fp8_rows_sent_unrounded_or_without_their_scales_fail_naming_the_input_a
 
 def test_an_unfilled_stub_raises_not_implemented_error():
     def stub(x, block):
-        raise NotImplementedError("exercise 07.1: write quantize_int8")
+        raise NotImplementedError("exercise 08.1: write quantize_int8")
 
-    with pytest.raises(NotImplementedError, match="exercise 07.1"):
+    with pytest.raises(NotImplementedError, match="exercise 08.1"):
         exercises.check_quantize_int8(stub)

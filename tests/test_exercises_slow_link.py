@@ -1,4 +1,4 @@
-"""The checks of notebook 09's exercises: the published solutions pass, plausible wrong answers fail with a
+"""The checks of notebook 10's exercises: the published solutions pass, plausible wrong answers fail with a
 message that names the input and the mistake, and an unfilled stub's NotImplementedError reaches the learner."""
 import math
 
@@ -9,7 +9,7 @@ from solutions import load
 
 from moelab import exercises
 
-NS = load("09_slow_link_training.ipynb")
+NS = load("10_slow_link_training.ipynb")
 
 
 def test_the_published_solutions_pass():
@@ -135,7 +135,7 @@ def test_powersgd_sizes_on_the_last_two_dimensions_fails_with_a_hint():
 
 def test_an_unfilled_stub_raises_not_implemented_error():
     def stub(theta, workers, buffer, lr, momentum):
-        raise NotImplementedError("exercise 09.3: write outer_step")
+        raise NotImplementedError("exercise 10.3: write outer_step")
 
-    with pytest.raises(NotImplementedError, match="exercise 09.3"):
+    with pytest.raises(NotImplementedError, match="exercise 10.3"):
         exercises.check_outer_step(stub)

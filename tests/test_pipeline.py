@@ -1,10 +1,12 @@
 """Pipeline schedules as data, and a pipelined step on real ranks equal to one process in loss and gradients."""
+import time
+
 import pytest
 import torch
 
 from moelab import pipeline
 from moelab.config import ModelConfig
-from moelab.dist import launch
+from moelab.dist import RankError, launch
 from moelab.experiments.dualpipe_peer import dualpipe_order
 from moelab.model import Transformer
 from moelab.pipeline import split_layers
@@ -151,3 +153,24 @@ def test_our_dualpipe_is_deepseeks_order():
     """The order of F, B and W chunks on every rank, as dualpipe 1.0.0's own step runs it."""
     for p, m in ((2, 4), (4, 8), (4, 10), (6, 12), (8, 16), (8, 20)):
         assert [[repr(a) for a in rank] for rank in dualpipe(p, m)] == dualpipe_order(p, m)
+
+
+def failing_rank(rank: int, world: int, config: ModelConfig) -> None:
+    """DualPipe on 4 ranks, rank 2 failing at its fourth action: the others are left waiting for its messages."""
+    torch.manual_seed(0)
+    model = Transformer(config)
+    stages = pipeline.stages_for(model, "dualpipe", rank, world)
+    plan = schedule("dualpipe", world, 8)[rank]
+    if rank == 2:
+        plan = plan[:3] + [Action("X", 0, 0)]                     # an action it cannot run
+    idx = torch.randint(config.vocab_size, (8, config.block_size))
+    pipeline.run_schedule(stages, plan, idx, idx, 8)
+
+
+@pytest.mark.slow
+def test_a_rank_that_fails_mid_schedule_ends_the_run_with_its_traceback():
+    start = time.monotonic()
+    with pytest.raises(RankError, match="rank 2 failed") as failure:
+        launch(failing_rank, 4, args=(small_lm(),), timeout=60)
+    assert "action X0.0 is not allowed" in str(failure.value)
+    assert time.monotonic() - start < 30                        # the others stopped at once, not at the timeout

@@ -75,6 +75,21 @@ def test_collectives_table_quotes_benchmarks_results():
         assert f"{t['name']} {t['op']} {t['target']}: {t['value']}" in section, t["name"]
 
 
+def test_overlap_tables_quote_benchmarks_results():
+    results = json.loads((ROOT / "benchmarks" / "results" / "overlap.json").read_text(encoding="utf-8"))
+    section = README[README.index("## Overlap and pipelines (measured)"):README.index("## 8-bit matmuls")]
+    quoted = {"ep": lambda r: f"| {r['variant']} | {1e3 * r['seconds']:.1f} |",
+              "dp": lambda r: f"| {r['way']} | {1e3 * r['seconds']:.0f} |",
+              "pipeline": lambda r: f"| {r['schedule']} | {r['F_ms']:.1f} / {r['B_ms']:.1f} / {r['W_ms']:.1f} | "
+                                    f"{r['bubble']:.3f} | {r['formula']:.3f} |"}
+    assert {r["kind"] for r in results["rows"]} == set(quoted)
+    for row in results["rows"]:
+        assert quoted[row["kind"]](row) in section, row
+    for t in results["targets"]:
+        assert f"{t['name']} {t['op']} {t['target']}: {t['value']}" in section, t["name"]
+        assert t["met"] or t["why"] in section, t["name"]          # a missed target says why
+
+
 def test_slow_link_table_quotes_benchmarks_results():
     results = json.loads((ROOT / "benchmarks" / "results" / "slow_link.json").read_text(encoding="utf-8"))
     section = README[README.index("## Slow-link training (measured)"):README.index("## Other commands")]

@@ -8,7 +8,7 @@ instead of 4: 0.258 of the fp32 ring all-reduce's bytes.
 
 **Error feedback** (Seide et al. 2014; Karimireddy et al. 2019): what one step's compression dropped is added to the
 next step's input, so that no part of the gradient is lost for good, only delayed. Built in
-notebooks/09_slow_link_training.ipynb.
+notebooks/10_slow_link_training.ipynb.
 """
 from __future__ import annotations
 

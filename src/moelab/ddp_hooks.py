@@ -7,7 +7,7 @@ links and is counted per link class; :func:`int8_hook` is :func:`moelab.compress
 feedback as a DDP hook. (Torch's ``bf16_compress_hook`` would fit too, but it refuses to run on gloo: "BF16 all
 reduce communication hook required CUDA 11+ and NCCL 2.10+".) :class:`BucketLog` records what DDP handed a hook and
 :func:`powersgd_sizes` what PowerSGD must send for it, for the byte counts. Built in
-notebooks/09_slow_link_training.ipynb.
+notebooks/10_slow_link_training.ipynb.
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ the *pseudo-gradient* ``Δ = θ − θ_local`` (old global minus new local: the 
 like a gradient) is averaged over the workers and an outer optimizer (Nesterov SGD) steps ``θ`` with it. With
 ``H = 1``, an inner SGD step, outer lr 1 and no momentum this is plain data parallel SGD; with any ``H``, outer lr 1
 and no momentum it is **local SGD** (Stich 2019; Lin et al. 2020): the new parameters are the workers' average.
-Built in notebooks/09_slow_link_training.ipynb.
+Built in notebooks/10_slow_link_training.ipynb.
 """
 from __future__ import annotations
 

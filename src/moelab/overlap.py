@@ -162,40 +162,91 @@ class StepTimes:
     seconds: float
 
 
-def block_step(ob: OverlappedBlock, xs: list[torch.Tensor], grads: list[torch.Tensor],
-               overlap: bool = True) -> tuple[list[torch.Tensor], list[torch.Tensor], StepTimes]:
-    """One forward and backward of the block on micro-batches ``xs``, with ``grads`` the gradients of the outputs.
-    ``overlap``: piece by piece across the micro-batches (A's attention, B's attention while A's counts travel,
-    …); otherwise each micro-batch's pieces in turn, waiting for each all-to-all. Returns the outputs, the
-    gradients of the inputs, and the times. Parameter gradients accumulate in the block's parameters."""
-    if len(xs) != len(grads) or not xs:
-        raise ValueError(f"{len(xs)} micro-batches and {len(grads)} gradients; allowed: one gradient per "
-                         f"micro-batch, at least one micro-batch")
-    clock = ob.net.now if ob.net is not None else time.perf_counter
-    mbs = [MicroBatch(x, g) for x, g in zip(xs, grads)]
+ORDERS = ("in turn", "overlapped", "F&B pairs")
+
+
+def block_step(blocks: OverlappedBlock | list[OverlappedBlock], xs: list[torch.Tensor], grads: list[torch.Tensor],
+               order: str = "overlapped") -> tuple[list[torch.Tensor], list[torch.Tensor], StepTimes]:
+    """One forward and backward of a block, or of blocks one after another, on micro-batches ``xs``, with
+    ``grads`` the gradients of the last block's outputs, the pieces in ``order`` (:data:`ORDERS`):
+
+    - ``"in turn"``: each micro-batch's forward and backward pieces in turn, waiting for each all-to-all;
+    - ``"overlapped"``: all forwards, then all backwards, piece by piece across the micro-batches (A's attention,
+      then B's while A's rows travel, …);
+    - ``"F&B pairs"``: A's forward; then B's forward piece by piece with A's backward, as DeepSeek-V3 pairs a
+      forward chunk with a backward chunk (figure 4) — the forward's all-to-alls outweigh its computation and the
+      backward's computation outweighs its all-to-alls, so each hides the other's; then B's backward (with more
+      micro-batches, forward ``i + 1`` with backward ``i``).
+
+    Between two blocks, a block's output and the next one's attention are one piece, so one micro-batch's combine
+    travels while the other's next attention runs. Returns the last block's outputs, the gradients of the first
+    block's inputs, and the times. Parameter gradients accumulate in the blocks."""
+    if order not in ORDERS:
+        raise ValueError(f"order = {order!r} is not allowed; allowed: {', '.join(map(repr, ORDERS))}")
+    blocks = [blocks] if isinstance(blocks, OverlappedBlock) else list(blocks)
+    if len(xs) != len(grads) or not xs or not blocks:
+        raise ValueError(f"{len(xs)} micro-batches, {len(grads)} gradients and {len(blocks)} blocks; allowed: one "
+                         f"gradient per micro-batch, at least one micro-batch and one block")
+    net, L = blocks[0].net, len(blocks)
+    clock = net.now if net is not None else time.perf_counter
+    mbs = [[MicroBatch(x if b == 0 else None, g if b == L - 1 else None) for x, g in zip(xs, grads)]
+           for b in range(L)]                                                 # mbs[block][micro-batch]
     compute, comm = [], []
     start = clock()
 
-    def wait(mb: MicroBatch, i: int) -> None:
-        if mb.round is not None:
-            mb.round.wait()
-            if ob.net is not None:
-                comm.append((f"{mb.sending} {i}", mb.round.begin - start, mb.round.end - start))
-            mb.round = None
+    def name(piece: str, b: int, i: int) -> str:
+        return f"{piece}{f' {b}' if L > 1 else ''} {i}"
 
-    forward = [(ob.attention, ob.post_dispatch), (ob.experts, ob.post_combine), (ob.output, None)]
-    backward = [(ob.output_backward, None), (ob.experts_backward, None), (ob.attention_backward, None)]
-    for pieces in (forward, backward):
-        order = [(k, i) for k in range(len(pieces)) for i in range(len(mbs))] if overlap else \
-                [(k, i) for i in range(len(mbs)) for k in range(len(pieces))]
-        for k, i in order:
-            run, posts = pieces[k]
-            wait(mbs[i], i)
-            t0 = clock()
-            run(mbs[i])
-            compute.append((f"{run.__name__.replace('_', ' ')} {i}", t0 - start, clock() - start))
-            if posts is not None:
-                posts(mbs[i])
-    for i, mb in enumerate(mbs):
-        wait(mb, i)
-    return [mb.y.detach() for mb in mbs], [mb.x_grad for mb in mbs], StepTimes(compute, comm, clock() - start)
+    def wait(i: int) -> None:
+        for b in range(L):
+            mb = mbs[b][i]
+            if mb.round is not None:
+                mb.round.wait()
+                if net is not None:
+                    comm.append((name(mb.sending, b, i), mb.round.begin - start, mb.round.end - start))
+                mb.round = None
+
+    def attention(b: int, i: int) -> None:
+        if b:                                       # the previous block's output, then this block's attention
+            blocks[b - 1].output(mbs[b - 1][i])
+            mbs[b][i].x = mbs[b - 1][i].y.detach()
+        blocks[b].attention(mbs[b][i])
+
+    def attention_backward(b: int, i: int) -> None:
+        blocks[b].attention_backward(mbs[b][i])
+        if b:                                       # and the previous block's output backward (posts its combine's)
+            mbs[b - 1][i].grad_y = mbs[b][i].x_grad
+            blocks[b - 1].output_backward(mbs[b - 1][i])
+
+    forward = [p for b in range(L) for p in (("attention", b, attention, "post_dispatch"),
+                                             ("experts", b, lambda b, i: blocks[b].experts(mbs[b][i]),
+                                              "post_combine"))]
+    forward.append(("output", L - 1, lambda b, i: blocks[b].output(mbs[b][i]), None))
+    backward = [("output backward", L - 1, lambda b, i: blocks[b].output_backward(mbs[b][i]), None)]
+    backward += [p for b in reversed(range(L)) for p in (
+        ("experts backward", b, lambda b, i: blocks[b].experts_backward(mbs[b][i]), None),
+        ("attention backward", b, attention_backward, None))]
+    n = len(xs)
+    if order == "in turn":
+        steps = [(pieces, k, i) for pieces in (forward, backward) for i in range(n) for k in range(len(pieces))]
+    elif order == "overlapped":
+        steps = [(pieces, k, i) for pieces in (forward, backward) for k in range(len(pieces)) for i in range(n)]
+    else:
+        steps = [(forward, k, 0) for k in range(len(forward))]
+        for i in range(1, n):
+            for k in range(max(len(forward), len(backward))):
+                steps += [(forward, k, i)] if k < len(forward) else []
+                steps += [(backward, k, i - 1)] if k < len(backward) else []
+        steps += [(backward, k, n - 1) for k in range(len(backward))]
+    for pieces, k, i in steps:
+        piece, b, run, posts = pieces[k]
+        wait(i)
+        t0 = clock()
+        run(b, i)
+        compute.append((name(piece, b, i), t0 - start, clock() - start))
+        if posts is not None:
+            getattr(blocks[b], posts)(mbs[b][i])
+    for i in range(len(xs)):
+        wait(i)
+    return ([mb.y.detach() for mb in mbs[-1]], [mb.x_grad for mb in mbs[0]],
+            StepTimes(compute, comm, clock() - start))

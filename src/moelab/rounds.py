@@ -51,12 +51,15 @@ class Round:
             self.stamps = {peer: torch.empty(1, dtype=torch.float64, device=device) for peer in senders}
             ops += [dist.P2POp(dist.isend, self.stamp, peer) for peer in sorted({peer for peer, _ in sends})]
             ops += [dist.P2POp(dist.irecv, self.stamps[peer], peer) for peer in senders]
-        self.requests = dist.batch_isend_irecv(ops) if ops else []
+        self.requests: list | None = dist.batch_isend_irecv(ops) if ops else []
 
     def wait(self, arrived: Callable[[int], None] | None = None, overlapped: bool = True) -> None:
         """Block until every message has arrived (``arrived(j)`` runs as receive ``j`` completes, while later ones
-        may still be in flight). On the emulated network the round ends at its arrival; ``overlapped`` (the rank
-        computed since :func:`post`): at the later of that and now, the real wait not counted."""
+        may still be in flight); a second call returns at once. On the emulated network the round ends at its
+        arrival; ``overlapped`` (the rank computed since :func:`post`): at the later of that and now, the real
+        wait not counted."""
+        if self.requests is None:                    # waited for already (a gloo request waits only once)
+            return
         waited_from = self.net.now() if self.net is not None and overlapped else None
         n_sends, n_recvs = len(self.sends), len(self.recvs)
         for j, request in zip(self.order, self.requests[n_sends:n_sends + n_recvs]):
@@ -71,6 +74,7 @@ class Round:
             self.end = self.net.round_end(self.me, self.begin, self.sizes, self.recv_sizes,
                                           {peer: float(t) for peer, t in self.stamps.items()})
             self.net.finish_round(self.round_time, self.end, waited_from)
+        self.requests = None
 
 
 def post(sends: Sequence[Message], recvs: Sequence[Message], net: Network | None = None,

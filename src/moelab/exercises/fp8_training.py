@@ -1,4 +1,4 @@
-"""Checks for notebook 08 (training in FP8 and INT8): DeepSeek-V3's three GEMMs, promoted sums, BF16 moments.
+"""Checks for notebook 09 (training in FP8 and INT8): DeepSeek-V3's three GEMMs, promoted sums, BF16 moments.
 
 Three checks, each against the library on fixed random inputs: the forward, input-gradient and weight-gradient
 GEMMs of a linear layer under the fine-grained recipe against :func:`moelab.mixed_precision.matmul8` and its
@@ -54,7 +54,7 @@ def _gemm_inputs(g: torch.Generator, M: int, K: int, N: int, outliers: bool = Fa
 
 
 def check_fine_grained_gemms(fn) -> Verdict:
-    """Notebook 08, exercise 1: ``fn(x, w, dy) -> (y, dx, dw)``, the three GEMMs of a linear layer
+    """Notebook 09, exercise 1: ``fn(x, w, dy) -> (y, dx, dw)``, the three GEMMs of a linear layer
     ``y = x wᵀ`` under DeepSeek-V3's fine-grained recipe, as :func:`moelab.mixed_precision.matmul8` computes
     them forward and backward: every operand rounded to FP8 E4M3 with one scale per group along its GEMM's
     reduction dimension — activations and output gradients in 1×128 tiles, weights in 128×128 blocks, and in the
@@ -110,7 +110,7 @@ def _products(g: torch.Generator, n: int, K: int) -> torch.Tensor:
 
 
 def check_promoted_sum(fn) -> Verdict:
-    """Notebook 08, exercise 2: ``fn(products, interval) -> tensor (n,) float64``, each row of
+    """Notebook 09, exercise 2: ``fn(products, interval) -> tensor (n,) float64``, each row of
     ``products`` summed left to right in an accumulator that keeps 14 significant bits after every addition
     (the low bits dropped: rounded toward zero), its partial sum added to an fp32 total and restarted every
     ``interval`` terms, as :func:`moelab.accumulation.limited_sum` (DeepSeek-V3, §3.3.2: N_C = 128)."""
@@ -165,7 +165,7 @@ def _adam_inputs(g: torch.Generator, shapes: list[tuple[int, ...]], steps: int, 
 
 
 def check_adamw_bf16(fn) -> Verdict:
-    """Notebook 08, exercise 3: ``fn(params, grads, lr) -> list of tensors``: the fp32 parameters after
+    """Notebook 09, exercise 3: ``fn(params, grads, lr) -> list of tensors``: the fp32 parameters after
     one AdamW step per entry of ``grads`` (betas 0.9 and 0.95, eps 1e-8, weight decay 0.1, decoupled), the two
     moments stored in BF16 between steps and every step computed in fp32 (DeepSeek-V3, §3.3.3), as
     :class:`moelab.mixed_precision.AdamW` with ``moment_dtype=torch.bfloat16``."""

@@ -1,4 +1,4 @@
-"""Checks for notebook 07 (FP8 and INT8): 8-bit tiles, their round-trip error, and their bytes.
+"""Checks for notebook 08 (FP8 and INT8): 8-bit tiles, their round-trip error, and their bytes.
 
 Three checks: quantising to INT8 tiles and the round-trip error at a granularity, each against :mod:`moelab.quant`
 on fixed random inputs, and rank code run on real gloo ranks (:mod:`.ranks`): FP8 rows with their scales sent as
@@ -38,7 +38,7 @@ TRUNCATES = "`.to(torch.int8)` truncates towards zero; round first."
 
 
 def check_quantize_int8(fn) -> Verdict:
-    """Notebook 07, exercise 1: ``fn(x, block) -> (q, scales)``, symmetric absmax INT8 with one fp32 scale per
+    """Notebook 08, exercise 1: ``fn(x, block) -> (q, scales)``, symmetric absmax INT8 with one fp32 scale per
     1×``block`` tile along the last dimension of ``x`` (the last tile zero-padded), as
     :func:`moelab.quant.quantize` with ``fmt="int8"``: ``scale = amax / 127`` (1 for an all-zero tile),
     ``q = round(x / scale)`` in ``[−127, 127]``. DeepSeek-V3's activation tiles are 1×128 (arXiv:2412.19437,
@@ -80,7 +80,7 @@ def _mean_relative_error(x: torch.Tensor, fmt: str, block: tuple[int, int], keep
 
 
 def check_round_trip_error(fn) -> Verdict:
-    """Notebook 07, exercise 2: ``fn(x, fmt, block, keep) -> float``, the relative RMS error
+    """Notebook 08, exercise 2: ``fn(x, fmt, block, keep) -> float``, the relative RMS error
     ``sqrt(mean(diff²) / mean(x²))`` over the columns where ``keep`` is true, ``diff`` the round trip of ``x``
     ``(R, C)`` through ``fmt`` (``"int8"`` or ``"fp8_e4m3"``) with one scale per ``block = (rows, cols)`` (the
     blocks tile ``x`` exactly), as :func:`moelab.quant.round_trip_error`. Outlier channels as in LLM.int8()
@@ -131,7 +131,7 @@ def _fp8_without_scales(x: torch.Tensor, send_splits: list[int], recv_splits: li
 
 
 def check_fp8_all_to_all(fn) -> Verdict:
-    """Notebook 07, exercise 3, rank code: ``fn(x, send_splits, recv_splits) -> tensor``, on every rank.
+    """Notebook 08, exercise 3, rank code: ``fn(x, send_splits, recv_splits) -> tensor``, on every rank.
 
     Send ``x``'s rows ``(N, d)`` as DeepSeek-V3 dispatches them (§3.3.3): each row in FP8 E4M3 with one fp32 scale
     per 1×128 tile (the last tile may be partial), as bytes, since gloo has no FP8 dtype; ``send_splits[j]`` rows go

@@ -1,4 +1,4 @@
-"""Checks for notebook 09 (training over slow links): step times, ring bytes, DiLoCo and PowerSGD.
+"""Checks for notebook 10 (training over slow links): step times, ring bytes, DiLoCo and PowerSGD.
 
 Four checks: the step time of data parallelism, DiLoCo's pseudo-gradient averaged in INT8 on real gloo ranks (rank
 code, :mod:`.ranks`), DiLoCo's outer step, and what PowerSGD sends. Each compares the learner's function with
@@ -42,7 +42,7 @@ def _step_diloco_every_step(params: float, tokens: float, nodes: int, link: Link
 
 
 def check_data_parallel_step(fn) -> Verdict:
-    """Notebook 09, exercise 1: ``fn(params, tokens, nodes, link, flops, H) -> dict`` with the seconds per step of
+    """Notebook 10, exercise 1: ``fn(params, tokens, nodes, link, flops, H) -> dict`` with the seconds per step of
     ``compute`` (``6 · params · tokens / flops``: Kaplan et al. 2020, §2.1), ``all_reduce`` (the ring all-reduce
     of the fp32 gradients, ``2(p−1)·(α + S/(p·β))``: Patarasuk & Yuan 2009) and ``diloco_int8`` (the same ring
     on INT8 pseudo-gradients, ``1 + 4/128`` bytes a value, once every ``H`` steps: Douillard et al. 2023,
@@ -102,7 +102,7 @@ def _int8_one_scale(delta: torch.Tensor) -> torch.Tensor:
 
 
 def check_int8_pseudo_gradient(fn) -> Verdict:
-    """Notebook 09, exercise 2, rank code: ``fn(delta) -> tensor``, on every rank: DiLoCo's averaged pseudo-gradient
+    """Notebook 10, exercise 2, rank code: ``fn(delta) -> tensor``, on every rank: DiLoCo's averaged pseudo-gradient
     when every rank sends its ``Δ`` (a 1-D tensor) in INT8, as INTELLECT-1 does: one fp32 scale per 1×128 tile
     (``max |Δ| / 127``, the last tile maybe partial), values rounded to the nearest of −127 … 127. Return the mean
     over the ranks of what arrives. Run on 2–4 real gloo ranks against :mod:`moelab.quant`'s INT8 round trip,
@@ -148,7 +148,7 @@ def _outer_step_summed(theta, workers, buffer, lr, momentum) -> torch.Tensor:
 
 
 def check_outer_step(fn) -> Verdict:
-    """Notebook 09, exercise 3: ``fn(theta, workers, buffer, lr, momentum) -> new theta``, one DiLoCo outer step
+    """Notebook 10, exercise 3: ``fn(theta, workers, buffer, lr, momentum) -> new theta``, one DiLoCo outer step
     (Douillard et al. 2023, Algorithm 1): the pseudo-gradient ``Δ = θ − θ_worker`` averaged over the rows of
     ``workers`` ``(W, n)``, then Nesterov SGD (Sutskever et al. 2013, as torch's ``SGD(nesterov=True)``) from the
     momentum ``buffer`` ``(n,)``: ``b = μ·buffer + Δ``, ``θ − lr·(Δ + μ·b)``. As
@@ -182,7 +182,7 @@ def _powersgd_last_two_dims(shapes: list[torch.Size], rank: int) -> tuple[int, i
 
 
 def check_powersgd_sizes(fn) -> Verdict:
-    """Notebook 09, exercise 4: ``fn(shapes, rank) -> (uncompressed, P, Q)``, the values one PowerSGD step
+    """Notebook 10, exercise 4: ``fn(shapes, rank) -> (uncompressed, P, Q)``, the values one PowerSGD step
     all-reduces for gradients of these shapes (Vogels et al. 2019, Algorithm 1; torch's ``powerSGD_hook``): a
     tensor is an ``n × m`` matrix (its first dimension × the rest) sent as ``P`` ``(n × r)`` and ``Q``
     ``(m × r)``, ``r = min(n, m, rank)``, when ``(n + m)·r·2 < n·m``; else, and for vectors, uncompressed. As

@@ -5,9 +5,9 @@ All three run on real gloo ranks and time computation in each rank's CPU time (`
 wall clock would charge each rank for the others' work. Communication takes its α-β time on the emulated links
 (:class:`~moelab.network.Network`, virtual), in flight while the rank computes.
 
-- :func:`ep_rank`: one block with an expert-parallel MoE (the capstone's two nodes of two ranks, fast links inside
-  a node, slow between), a step (forward and backward) as one batch, as two micro-batches in turn, and as two
-  micro-batches overlapped (:func:`moelab.overlap.block_step`).
+- :func:`ep_rank`: two blocks with expert-parallel MoEs (the capstone's two nodes of two ranks, fast links inside
+  a node, slow between), a step (forward and backward) as one batch, as two micro-batches in turn, as two
+  micro-batches overlapped, and as DeepSeek-V3's forward-and-backward pairs (:func:`moelab.overlap.block_step`).
 - :func:`dp_rank`: a data-parallel step of a small LM on two nodes over the slow link: one all-reduce after
   backward, buckets launched from backward hooks (:class:`moelab.buckets.BucketedAllReduce`), and torch's DDP
   with its own buckets, whose launch times a comm hook records and the same link model turns into a time.
@@ -36,39 +36,45 @@ from ..schedules import measured_bubbles, replay, schedule
 
 # Experts wide enough that computation and communication take about as long on the emulated links (DeepSeek-V3
 # §3.2.1: cross-node expert parallelism at a computation-to-communication ratio of about 1:1).
-EP_BLOCK = ModelConfig(vocab_size=64, block_size=128, n_layer=1, n_head=4, n_kv_head=4, d_model=128,
-                       n_routed_experts=8, top_k=2, d_expert=2048, **BALANCE)
+EP_BLOCKS = ModelConfig(vocab_size=64, block_size=128, n_layer=2, n_head=4, n_kv_head=4, d_model=128,
+                        n_routed_experts=8, top_k=2, d_expert=2048, **BALANCE)
 DP_LM = ModelConfig(vocab_size=256, block_size=128, n_layer=4, n_head=4, n_kv_head=4, d_model=128, d_ff=512)
 PIPELINE_LM = ModelConfig(vocab_size=256, block_size=64, n_layer=8, n_head=4, n_kv_head=4, d_model=256,
                           n_routed_experts=8, top_k=2, d_expert=256, **BALANCE)
-EP_VARIANTS = {"one batch": (1, False), "two micro-batches in turn": (2, False),
-               "two micro-batches overlapped": (2, True)}                 # name: (micro-batches, overlap)
+EP_VARIANTS = {"one batch": (1, "in turn"), "two micro-batches in turn": (2, "in turn"),
+               "two micro-batches overlapped": (2, "overlapped"),
+               "two micro-batches, F&B pairs": (2, "F&B pairs")}        # name: (micro-batches, order of the pieces)
 
 
-def ep_rank(rank: int, world: int, config: ModelConfig = EP_BLOCK, batch: int = 16, steps: int = 3) -> dict:
-    """Per variant of :data:`EP_VARIANTS`: each step's ``(seconds, compute, comm)`` on this rank, and the last
-    step's :class:`~moelab.overlap.StepTimes`; the outputs of the three variants' last steps agree (``same``)."""
+def ep_rank(rank: int, world: int, config: ModelConfig = EP_BLOCKS, batch: int = 16, steps: int = 3) -> dict:
+    """Per variant of :data:`EP_VARIANTS`: each step's ``(seconds, compute, comm)`` on this rank after a warm-up
+    step, the variants in a turning order, and the last step's :class:`~moelab.overlap.StepTimes`; whether the
+    outputs of the three variants agree (``same``)."""
     torch.manual_seed(0)
     model = Transformer(config)
-    block = model.layers[0]
-    shard(block.ffn)
     net = Network(Topology(2, world // 2), FAST, SLOW, virtual=True, cpu_time=True)
-    ob = overlap.OverlappedBlock(block, model.rope_cos, model.rope_sin, net)
+    blocks = []
+    for block in model.layers:
+        shard(block.ffn)
+        blocks.append(overlap.OverlappedBlock(block, model.rope_cos, model.rope_sin, net))
     g = torch.Generator().manual_seed(rank)
     x = torch.randn(batch, config.block_size, config.d_model, generator=g)
     grad_y = torch.randn(x.shape, generator=g)
     out, ys = {}, {}
-    for _ in range(steps):
-        for name, (m, overlapped) in EP_VARIANTS.items():
+    names = list(EP_VARIANTS)
+    for step in range(steps + 1):                       # the first step warms up; the order turns every step
+        for name in names[step % len(names):] + names[:step % len(names)]:
+            m, order = EP_VARIANTS[name]
             dist.barrier()
             net.reset()
-            y, _, times = overlap.block_step(ob, list(x.chunk(m)), list(grad_y.chunk(m)), overlap=overlapped)
-            block.zero_grad()
-            record = out.setdefault(name, {"steps": []})
-            record["steps"].append((times.seconds, sum(e - s for _, s, e in times.compute),
-                                    sum(e - s for _, s, e in times.comm)))
-            record["timeline"] = times
+            y, _, times = overlap.block_step(blocks, list(x.chunk(m)), list(grad_y.chunk(m)), order)
+            model.zero_grad()
             ys[name] = torch.cat(y)
+            if step:
+                record = out.setdefault(name, {"steps": []})
+                record["steps"].append((times.seconds, sum(e - s for _, s, e in times.compute),
+                                        sum(e - s for _, s, e in times.comm)))
+                record["timeline"] = times
     out["same"] = all(torch.allclose(y, ys["one batch"], rtol=1e-4, atol=1e-5) for y in ys.values())
     return out
 

@@ -1,4 +1,4 @@
-"""Data parallelism over a slow link: every method of notebooks/09_slow_link_training.ipynb on the same ranks.
+"""Data parallelism over a slow link: every method of notebooks/10_slow_link_training.ipynb on the same ranks.
 
 :func:`compare_rank` trains the small MoE language model of notebook 05 (:func:`lm_config`) data-parallel on every
 rank, once per method, over a virtual :class:`~moelab.network.Network` (two-level: fast links inside a node, slow
@@ -15,7 +15,7 @@ the simulated wall-clock. Methods (:data:`METHODS`):
 Every DDP hook runs over :class:`~moelab.ddp_hooks.LinkGroup`, every outer step over the same ring, so all bytes
 cross the emulated links and are counted per link class. Each method is also counted analytically from what it
 was asked to send (:func:`analytic_bytes`); the two agree exactly (tests/test_slowlink.py). The short runs of
-notebook 09 and the long runs of benchmarks/slow_link.py both come from here.
+notebook 10 and the long runs of benchmarks/slow_link.py both come from here.
 
 Simulated time is this laptop's compute, measured, plus the emulated links' α-β time instead of loopback's.
 Two things make it pessimistic for DDP: the simulation does not overlap a bucket's all-reduce with the rest of
@@ -60,7 +60,7 @@ BUCKET_MB = 25                      # DDP's default bucket size, given explicitl
 
 @dataclass(frozen=True)
 class SlowLinkConfig(TwoTierRun):
-    """One comparison of notebook 09 (see :class:`TwoTierRun`), and PowerSGD's rank and the step it starts at
+    """One comparison of notebook 10 (see :class:`TwoTierRun`), and PowerSGD's rank and the step it starts at
     (vanilla all-reduce before)."""
 
     powersgd_rank: int = 2
