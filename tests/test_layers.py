@@ -13,7 +13,8 @@ LAYERS = {                # each top-level module or subpackage of moelab, by la
     "exchange": {"sendable", "dist", "timeline", "network", "collectives", "quant", "wire", "exchange", "twohop", "ep",
                  "rounds", "overlap"},
     "training": {"corpus", "data", "checkpoint", "train", "dp", "compression", "diloco", "ddp_hooks", "qexperts",
-                 "accumulation", "mixed_precision", "pipeline", "schedules", "buckets"},
+                 "accumulation", "mixed_precision", "pipeline", "schedules", "buckets",
+                 "zero"},
     "analysis": {"presets", "sizing", "analysis", "viz", "bench", "exercises"},
     "experiments": {"experiments"},
 }

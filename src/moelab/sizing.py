@@ -93,6 +93,27 @@ def memory_per_device(config: ModelConfig, layout: Layout, weights: str = "bf16"
     return {**out, "total": sum(out.values())}
 
 
+ZERO_STAGES = (0, 1, 2, 3)
+
+
+def zero_state_per_device(params: float, dp: int, stage: int, weights: str = "fp32", grads: str | None = None,
+                          moments: str = "fp32") -> dict[str, float]:
+    """Bytes of training state on one of ``dp`` data-parallel ranks for ``params`` parameters under ZeRO
+    ``stage`` (Rajbhandari et al. 2020, figure 1): stage 1 shards the optimizer state (AdamW's two ``moments``, and
+    an fp32 master copy unless the weights are fp32) over the ranks, stage 2 the gradients too, stage 3 the
+    weights too; stage 0 is plain data parallelism. :class:`moelab.zero.Zero` holds this, up to its shards'
+    rounding (tests/test_zero.py)."""
+    check(stage in ZERO_STAGES, "zero_state_per_device", "stage", stage, "allowed: 0, 1, 2, 3")
+    check_int("zero_state_per_device", "dp", dp)
+    grads = grads or weights
+    for name, value in (("weights", weights), ("grads", grads), ("moments", moments)):
+        check(value in DTYPE_BYTES, "zero_state_per_device", name, value, f"allowed: {', '.join(DTYPE_BYTES)}")
+    optimizer = params * (2 * DTYPE_BYTES[moments] + (0 if weights == "fp32" else 4))
+    return {"parameters": params * DTYPE_BYTES[weights] / (dp if stage >= 3 else 1),
+            "gradients": params * DTYPE_BYTES[grads] / (dp if stage >= 2 else 1),
+            "optimizer": optimizer / (dp if stage >= 1 else 1)}
+
+
 def moe_traffic(config: ModelConfig, dispatch: str = "fp8", combine: str = "bf16",
                 node_limit: int | None = None) -> dict[str, int]:
     """Bytes per token per MoE layer: ``dispatch`` (``top_k`` rows out) and ``combine`` (``top_k`` rows back),
