@@ -20,7 +20,9 @@ computation between rounds is measured as it runs; :meth:`Network.paused` leaves
 (evaluation, say). ``link_seconds`` adds up the α-β time of the rounds alone. With ``cpu_time=True`` the
 computation is measured in the rank's own CPU time (``time.thread_time``) instead of the wall clock, as if every
 rank had a core to itself: four ranks on a two-core laptop otherwise slow each other down by how many of them
-happen to compute at once, which would blur what overlapping communication with computation saves.
+happen to compute at once, which would blur what overlapping communication with computation saves. ``speed``
+makes a rank slower or faster than this machine: its computation counts ``1/speed`` times on the virtual clock
+(0.5: a device of half the speed, an older generation in the same job).
 """
 from __future__ import annotations
 
@@ -108,6 +110,7 @@ class Network:
     inter: Link = SLOW
     virtual: bool = False
     cpu_time: bool = False
+    speed: float = 1.0
     sent_bytes: dict[str, int] = field(default_factory=dict)
     messages: dict[str, int] = field(default_factory=dict)
     clock: float | None = None          # time (:meth:`now`) at which this rank's last round ended
@@ -118,12 +121,17 @@ class Network:
         if self.cpu_time and not self.virtual:
             raise ValueError("Network: cpu_time = True is not allowed with virtual = False (a rank cannot sleep in CPU "
                              "time); allowed: cpu_time with a virtual network")
+        if not (isinstance(self.speed, (int, float)) and 0 < self.speed < float("inf")):
+            raise ValueError(f"Network: speed = {self.speed!r} is not allowed; allowed: a number > 0")
+        if self.speed != 1 and not self.virtual:
+            raise ValueError("Network: speed != 1 is not allowed with virtual = False (the real clock runs at this "
+                             "machine's speed); allowed: a speed with a virtual network")
         self.reset()
 
     def now(self) -> float:
-        """This rank's time on the network: ``perf_counter()`` (``thread_time()`` with ``cpu_time``), shifted on a
-        virtual network."""
-        return self._real() + self.offset
+        """This rank's time on the network: ``perf_counter()`` (``thread_time()`` with ``cpu_time``), divided by
+        ``speed`` and shifted on a virtual network."""
+        return self._real() / self.speed + self.offset
 
     def _real(self) -> float:
         return time.thread_time() if self.cpu_time else time.perf_counter()
@@ -154,7 +162,7 @@ class Network:
             yield
         finally:
             self.sent_bytes, self.messages, self.clock, self.offset, self.link_seconds = saved
-            self.offset -= self._real() - start
+            self.offset -= (self._real() - start) / self.speed
 
     def link(self, a: int, b: int) -> Link:
         return self.intra if self.topology.node(a) == self.topology.node(b) else self.inter
@@ -199,7 +207,8 @@ class Network:
         self.sent_bytes.clear()
         self.messages.clear()
         self.clock = None
-        self.offset = -time.thread_time() if self.cpu_time else 0.0
+        real = self._real()                             # now() starts at 0 (CPU time) or the real clock
+        self.offset = (0.0 if self.cpu_time else real) - real / self.speed
         self.link_seconds = 0.0
 
 
