@@ -26,7 +26,7 @@ from moelab import notebook
 from moelab.bench import target, write_result
 from moelab.dist import launch
 from moelab.experiments import overlap as X
-from moelab.schedules import bubble_fraction, dualpipe_bubble, measured_bubbles, replay, schedule, stage_of
+from moelab.schedules import bubble_fraction, dualpipe_bubble, durations, measured_bubbles, replay, schedule, stage_of
 
 STAGES, MICROBATCHES = 4, 8
 
@@ -55,8 +55,7 @@ def pipeline_rows() -> tuple[list[dict], dict]:
             formula = statistics.mean(idle / (idle + b) for b in busy)
         else:
             formula = bubble_fraction(STAGES, MICROBATCHES)
-        ideal = replay(plan, lambda rank, a: F if a.kind == "F" else W if a.kind == "W" else B_input if a.defer_w
-                       else B)
+        ideal = replay(plan, durations(F, B, W, B_input))
         row = {"kind": "pipeline", "schedule": name, "F_ms": 1e3 * F, "B_ms": 1e3 * B, "B_input_ms": 1e3 * B_input,
                "W_ms": 1e3 * W, "bubbles": r["bubbles"], "bubble": statistics.mean(r["bubbles"]),
                "formula": formula, "ideal_replay": statistics.mean(measured_bubbles(ideal)), "held": r["held"],

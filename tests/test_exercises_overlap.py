@@ -19,8 +19,7 @@ def test_the_published_solutions_pass():
 
 def test_the_prediction_of_exercise_1_is_what_the_library_replays():
     def idle(W):
-        timeline = schedules.replay(schedules.dualpipe(4, 8), lambda rank, a: 1.0 if a.kind == "F" else W
-                                    if a.kind == "W" else 2.0 - W if a.defer_w else 2.0)
+        timeline = schedules.replay(schedules.dualpipe(4, 8), schedules.durations(1.0, 2.0, W))
         return max(end for rank in timeline for *_, end in rank) - 8 * (1.0 + 2.0)
 
     assert (idle(0.5), idle(1.5)) == (3.0, 2.0)

@@ -17,6 +17,7 @@ from moelab.schedules import (
     bubble_fraction,
     dualpipe,
     dualpipe_bubble,
+    durations,
     gpipe,
     in_flight,
     measured_bubbles,
@@ -113,16 +114,11 @@ def test_a_bad_schedule_fails_on_its_rank_without_a_hang():
         launch(pipeline.step_rank, 2, args=(config, "1f1b", 3, 8), timeout=60)
 
 
-def ideal(F: float, B: float, W: float = 0.0):
-    """Action durations: F, a full backward B, its input part B − W when the weights' W is deferred."""
-    return lambda rank, a: F if a.kind == "F" else W if a.kind == "W" else B - W if a.defer_w else B
-
-
 def test_an_ideal_1f1b_timeline_idles_as_the_formula_says():
     """F and B take 1 and 2 time units, actions start as soon as their inputs exist: the idle share of every rank
     is (p − 1) / (m + p − 1)."""
     for p, m in ((4, 8), (2, 5), (8, 8)):
-        timeline = replay(one_f_one_b(p, m), ideal(1.0, 2.0))
+        timeline = replay(one_f_one_b(p, m), durations(1.0, 2.0))
         assert measured_bubbles(timeline) == pytest.approx([bubble_fraction(p, m)] * p)
 
 
@@ -130,7 +126,7 @@ def test_an_ideal_dualpipe_timeline_idles_as_the_report_says_when_b_is_2f_and_w_
     """The report's (p/2 − 1)(F&B + B − 3W) is exact on every rank when B = 2F and W = F (F&B = F + B)."""
     for p, m in ((4, 8), (4, 16), (8, 16), (8, 20)):
         for F in (1.0, 2.0):
-            timeline = replay(dualpipe(p, m), ideal(F, 2 * F, F))
+            timeline = replay(dualpipe(p, m), durations(F, 2 * F, F))
             step = max(end for rank in timeline for _, _, end in rank)
             idle = [step - sum(end - start for _, start, end in rank) for rank in timeline]
             assert idle == pytest.approx([dualpipe_bubble(p, F, 2 * F, F)] * p)
@@ -141,7 +137,7 @@ def test_a_schedule_that_deadlocks_is_refused():
     plan = one_f_one_b(2, 2)
     plan[1] = [Action("B", 0), Action("F", 0)]
     with pytest.raises(ValueError, match="the schedule deadlocks"):
-        replay(plan, ideal(1.0, 2.0))
+        replay(plan, durations(1.0, 2.0))
 
 
 def test_dualpipe_holds_p_plus_1_microbatches_as_the_report_says():

@@ -48,12 +48,14 @@ class BucketedAllReduce:
         self.world = dist.get_world_size(group)
         self.buckets: list[Bucket] = []
         current: list[torch.nn.Parameter] = []
+        size = 0
         for p in reversed(params):                  # backward meets the last parameters first
-            if current and sum(q.numel() * q.element_size() for q in current) + p.numel() * p.element_size() \
-                    > bucket_bytes:
+            nbytes = p.numel() * p.element_size()
+            if current and size + nbytes > bucket_bytes:
                 self.buckets.append(Bucket(current))
-                current = []
+                current, size = [], 0
             current.append(p)
+            size += nbytes
         if current:
             self.buckets.append(Bucket(current))
         self.bucket_of = {id(p): b for b in self.buckets for p in b.params}
@@ -99,10 +101,8 @@ class BucketedAllReduce:
                                ring_bytes(bucket.flat.numel(), self.world, me, lambda k: k * size))
                 self.net.finish_round(bucket.seconds, begin + bucket.seconds, waited_from)
                 self.launched.append((i, begin, bucket.seconds))
-            offset = 0
-            for p in bucket.params:
-                p.grad.copy_(bucket.flat[offset:offset + p.numel()].view_as(p) / self.world)
-                offset += p.numel()
+            for p, g in zip(bucket.params, bucket.flat.split([p.numel() for p in bucket.params])):
+                p.grad.copy_(g.view_as(p) / self.world)
             bucket.ready, bucket.flat, bucket.work, bucket.stamp, bucket.stamp_work = 0, None, None, None, None
 
     def remove(self) -> None:

@@ -81,6 +81,10 @@ class Stage(nn.Module):
         owned = {id(q) for q in self.parameters()}
         self.param_names = {id(q): n for n, q in model.named_parameters() if id(q) in owned}   # the model's names
 
+    def gradients(self) -> dict[str, torch.Tensor]:
+        """This stage's parameters' gradients (copies), by their names in the model."""
+        return {self.param_names[id(q)]: q.grad.clone() for q in self.parameters() if q.grad is not None}
+
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(out, aux)``: the activations for the next stage (on the last stage the mean cross-entropy against
         ``targets``, or without them the logits), and this stage's MoE balancing losses of this forward."""
@@ -94,6 +98,14 @@ class Stage(nn.Module):
             logits = self.output(self.norm(x))
             x = logits if targets is None else cross_entropy(logits, targets)
         return x, aux
+
+
+def random_batch(config, batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and targets ``(batch, block_size)`` drawn from ``seed + 1``: the batch every rank of a pipelined
+    step and the one process it is compared with use alike."""
+    g = torch.Generator().manual_seed(seed + 1)
+    return (torch.randint(config.vocab_size, (batch, config.block_size), generator=g),
+            torch.randint(config.vocab_size, (batch, config.block_size), generator=g))
 
 
 @dataclass
@@ -231,13 +243,11 @@ def step_rank(rank: int, world: int, config, name: str, microbatches: int, batch
     torch.manual_seed(seed)
     model = Transformer(config)
     stages = stages_for(model, name, rank, world)
-    g = torch.Generator().manual_seed(seed + 1)
-    idx = torch.randint(config.vocab_size, (batch, config.block_size), generator=g)
-    targets = torch.randint(config.vocab_size, (batch, config.block_size), generator=g)
+    idx, targets = random_batch(config, batch, seed)
     dist.barrier()
     record = run_schedule(stages, schedule(name, world, microbatches)[rank], idx, targets, microbatches,
                           clock=clock)
     grads = {}
     for stage in (stages,) if isinstance(stages, Stage) else stages:
-        grads.update({stage.param_names[id(q)]: q.grad.clone() for q in stage.parameters() if q.grad is not None})
+        grads.update(stage.gradients())
     return {"loss": record.loss, "grads": grads, "events": record.events, "held": record.held}

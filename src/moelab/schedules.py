@@ -204,6 +204,14 @@ def needs(rank: int, a: Action, stages: int) -> tuple[int, Action] | None:
     return stage_of(s + 1, a.chunk, stages), Action("B", a.mb, a.chunk)
 
 
+def durations(F: float, B: float, W: float = 0.0,
+              deferred_b: float | None = None) -> Callable[[int, Action], float]:
+    """Each action's time for :func:`replay`: ``F``, a full backward ``B``, ``W``, and a backward that defers its
+    weights' gradient ``B − W`` (or ``deferred_b``, where that part was measured on its own)."""
+    short = B - W if deferred_b is None else deferred_b
+    return lambda rank, a: F if a.kind == "F" else W if a.kind == "W" else short if a.defer_w else B
+
+
 def replay(plan: list[list[Action]], seconds: Callable[[int, Action], float]) -> list[list[tuple[str, float, float]]]:
     """Each rank's ``(action, start, end)`` when every action starts as soon as its rank is free and its input is
     there (:func:`needs`; transfers take no time), lasting ``seconds(rank, action)``. An F&B pair starts when both

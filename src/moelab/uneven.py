@@ -50,8 +50,6 @@ def weighted_average_gradients(params: Iterable[torch.nn.Parameter], count: int,
     flat = torch.cat([p.grad.flatten() * count for p in params] + [torch.tensor([float(count)])])
     dist.all_reduce(flat, group=group)
     total = flat[-1]
-    offset = 0
-    for p in params:
-        p.grad.copy_((flat[offset:offset + p.numel()] / total).view_as(p))
-        offset += p.numel()
+    for p, g in zip(params, flat[:-1].split([p.numel() for p in params])):
+        p.grad.copy_((g / total).view_as(p))
     return int(total)

@@ -65,11 +65,7 @@ class Zero:
 
     def _views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """Each parameter's part of a flat vector, in its shape."""
-        out, offset = [], 0
-        for p, n in zip(self.params, self.shapes):
-            out.append(flat[offset:offset + n.numel()].view(n))
-            offset += n.numel()
-        return out
+        return [part.view(shape) for part, shape in zip(flat.split([s.numel() for s in self.shapes]), self.shapes)]
 
     def _gather(self) -> None:
         """Every rank's shard, all-gathered (ring), written into the model's parameters."""

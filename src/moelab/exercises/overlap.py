@@ -19,9 +19,9 @@ import torch.distributed as dist
 from ..buckets import BucketedAllReduce
 from ..config import ModelConfig
 from ..model import Transformer
-from ..pipeline import Stage, run_schedule
+from ..pipeline import Stage, random_batch, run_schedule
 from ..presets import BALANCE
-from ..schedules import Action, dualpipe_bubble, one_f_one_b, replay, schedule
+from ..schedules import Action, dualpipe_bubble, durations, one_f_one_b, replay, schedule
 from .core import Case, Verdict, case, run_check, seeded
 from .ranks import RankCase, run_rank_check
 
@@ -30,25 +30,19 @@ __all__ = ["check_step_time", "check_one_f_one_b_two_stages", "check_bucket_plan
 
 # ---- 07.1: the step time of a schedule's ideal timeline
 
-def _durations(F: float, B: float, W: float, deferred_b: float | None = None) -> Callable[[int, Action], float]:
-    """How long each action lasts: F, a W W, a B with ``defer_w`` ``B − W`` (or ``deferred_b``), any other B."""
-    short = B - W if deferred_b is None else deferred_b
-    return lambda rank, a: F if a.kind == "F" else W if a.kind == "W" else short if a.defer_w else B
-
-
 def _step_time(plan: list[list[Action]], F: float, B: float, W: float) -> float:
-    return max(end for rank in replay(plan, _durations(F, B, W)) for _, _, end in rank)
+    return max(end for rank in replay(plan, durations(F, B, W)) for _, _, end in rank)
 
 
 def _busiest_rank(plan: list[list[Action]], F: float, B: float, W: float) -> float:
     """Wrong: no rank ever waits for its input, so the step is the busiest rank's work."""
-    seconds = _durations(F, B, W)
+    seconds = durations(F, B, W)
     return max(sum(seconds(r, a) for a in rank) for r, rank in enumerate(plan))
 
 
 def _deferred_as_full(plan: list[list[Action]], F: float, B: float, W: float) -> float:
     """Wrong: a B that leaves its weights' gradient to a W still lasts a full B."""
-    return max(end for rank in replay(plan, _durations(F, B, W, deferred_b=B)) for _, _, end in rank)
+    return max(end for rank in replay(plan, durations(F, B, W, deferred_b=B)) for _, _, end in rank)
 
 
 def _microbatches(plan: list[list[Action]]) -> int:
@@ -140,9 +134,7 @@ def _judged(fn: Callable, seed: int, batch: int, m: int) -> dict:
         torch.manual_seed(seed)
         model = Transformer(TINY)
     stage = Stage(model, dist.get_rank() if dist.is_initialized() else 0, 2)
-    g = seeded(seed + 1)
-    idx = torch.randint(TINY.vocab_size, (batch, TINY.block_size), generator=g)
-    targets = torch.randint(TINY.vocab_size, (batch, TINY.block_size), generator=g)
+    idx, targets = random_batch(TINY, batch, seed)
     loss = fn(stage, idx, targets, m)
     grads = {stage.param_names[id(q)]: (q.grad if q.grad is not None else torch.zeros_like(q)).detach().clone()
              for q in stage.parameters()}

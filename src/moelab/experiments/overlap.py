@@ -178,9 +178,7 @@ def pipeline_rank(rank: int, world: int, config: ModelConfig, name: str, microba
     torch.manual_seed(0)
     model = Transformer(config)
     stages = pipeline.stages_for(model, name, rank, world)
-    g = torch.Generator().manual_seed(1)
-    idx = torch.randint(config.vocab_size, (batch, config.block_size), generator=g)
-    targets = torch.randint(config.vocab_size, (batch, config.block_size), generator=g)
+    idx, targets = pipeline.random_batch(config, batch, seed=0)
     seconds: dict[str, float] = {}
     for step in range(steps):
         model.zero_grad(set_to_none=True)

@@ -28,7 +28,7 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 
 from ..config import ModelConfig
 from ..model import Transformer
-from ..pipeline import Stage, cross_entropy
+from ..pipeline import Stage, cross_entropy, random_batch
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 BALANCING_LOSSES = ("aux_loss_coef", "z_loss_coef", "seq_aux_coef")
@@ -63,9 +63,7 @@ def torch_pipeline_rank(rank: int, world: int, config: ModelConfig, name: str, m
     torch.manual_seed(seed)
     model = Transformer(config)
     stage = Stage(model, rank, world)
-    g = torch.Generator().manual_seed(seed + 1)
-    idx = torch.randint(config.vocab_size, (batch, config.block_size), generator=g)
-    targets = torch.randint(config.vocab_size, (batch, config.block_size), generator=g)
+    idx, targets = random_batch(config, batch, seed)
     piped = PipelineStage(TensorStage(stage), rank, world, torch.device("cpu"))
     schedule = SCHEDULES[name](piped, n_microbatches=microbatches, loss_fn=cross_entropy)
     dist.barrier()
@@ -78,7 +76,6 @@ def torch_pipeline_rank(rank: int, world: int, config: ModelConfig, name: str, m
         schedule.step(target=targets, losses=losses)
     else:
         schedule.step()
-    owned = {id(p) for p in stage.parameters()}
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if id(p) in owned and p.grad is not None}
+    grads = stage.gradients()
     loss = sum(loss.item() for loss in losses) / microbatches if stage.last else 0.0
     return {"loss": loss, "grads": grads}
