@@ -220,6 +220,35 @@ def slow_link_block(r: dict) -> str:
     return "\n".join(lines)
 
 
+def fragmented_block(r: dict) -> str:
+    rows = {kind: [row for row in r["rows"] if row["kind"] == kind] for kind in
+            ("unequal", "stragglers", "streaming", "failure", "zero")}
+    lines = ["| one of 4 ranks at half speed | sequences per rank | final val loss | simulated time |",
+             "|---|---|---|---|"]
+    lines += [f"| split {row['split']} | {row['shares']} | {row['val']:.4f} | {row['seconds']:.2f} s |"
+              for row in rows["unequal"]]
+    lines += ["", "| random stragglers (p 0.1, 4× slower) | steady | with stragglers | extra |", "|---|---|---|---|"]
+    lines += [f"| {row['method']}, {row['steps']} steps | {row['steady_seconds']:.2f} s | "
+              f"{row['straggler_seconds']:.2f} s | {row['extra_seconds']:+.2f} s |" for row in rows["stragglers"]]
+    lines += ["", "| DiLoCo, 60 steps, H = 10 | final val loss | peak bytes per sync (per rank) | bytes in all |",
+              "|---|---|---|---|"]
+    lines += [f"| {row['method']} | {row['val']:.4f} | {row['peak_bytes']:,d} | {row['total_bytes']:,d} |"
+              for row in rows["streaming"]]
+    lines += ["", "| DiLoCo on 4 replicas | members per outer step | outer steps committed | final val loss |",
+              "|---|---|---|---|"]
+    for row in rows["failure"]:
+        name = "no failure" if row["killed"] is None else f"replica {row['killed'][0]} killed, step {row['killed'][1]}"
+        lines.append(f"| {name} | {[len(m) for m in row['members']]} | {row['committed']} | {row['val']:.4f} |")
+    lines += ["", "| 4 ranks | parameters | gradients | optimizer | sent per step |", "|---|---|---|---|---|"]
+    for row in rows["zero"]:
+        held = " | ".join(f"{row['held'][k] / 1e6:.2f} MB" for k in ("parameters", "gradients", "optimizer"))
+        sent = ", ".join(f"{v / 1e6:.2f} MB ({k})" for k, v in sorted(row["sent_per_step"].items()))
+        name = f"ZeRO-{row['stage']}" if row["stage"] else "DDP"
+        lines.append(f"| {name} | {held} | {sent} |")
+    why = [f"{t['name']}: {t['why']}" for t in r["targets"] if not t["met"] and "why" in t]
+    return "\n".join(lines + ["", _targets(r)] + (["", "Why missed: " + " ".join(why)] if why else []))
+
+
 def capstone_block(r: dict) -> str:
     c = r["config"]
     lines = [f"{c['steps']} optimizer steps per setup on {c['nodes']} nodes × {c['per_node']} ranks (inside a node: α "
@@ -271,7 +300,7 @@ BLOCKS = {"notebooks": notebooks_block, "moe_dispatch": moe_dispatch_block, "tra
           "expert_parallel": expert_parallel_block, "collectives": collectives_block, "quant": quant_block,
           "overlap": overlap_block,
           "fp8_training": fp8_training_block, "fp8_outliers": fp8_outliers_block, "slow_link": slow_link_block,
-          "capstone": capstone_block, "sizing": sizing_block}
+          "fragmented": fragmented_block, "capstone": capstone_block, "sizing": sizing_block}
 
 
 def fill(text: str, name: str, body: str, where: str) -> str:

@@ -1,4 +1,4 @@
-"""The checks of notebook 12's exercises: the published solutions pass, plausible wrong answers fail with a
+"""The checks of notebook 13's exercises: the published solutions pass, plausible wrong answers fail with a
 message that names the input and the mistake, and an unfilled stub's NotImplementedError reaches the learner."""
 import math
 
@@ -9,7 +9,7 @@ from solutions import load
 from moelab import exercises
 from moelab.exercises.ranks import send_to
 
-NS = load("12_capstone.ipynb")
+NS = load("13_capstone.ipynb")
 
 
 def test_the_published_solutions_pass():
@@ -79,9 +79,9 @@ def test_a_first_hop_to_the_wrong_peer_or_per_choice_fails_naming_the_input_and_
 
 def test_an_unfilled_stub_raises_to_the_learner():
     def stub(d, wire):
-        raise NotImplementedError("exercise 12.2: write row_bytes")
+        raise NotImplementedError("exercise 13.2: write row_bytes")
 
-    with pytest.raises(NotImplementedError, match="exercise 12.2"):
+    with pytest.raises(NotImplementedError, match="exercise 13.2"):
         exercises.check_row_bytes(stub)
 
 

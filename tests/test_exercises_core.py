@@ -44,7 +44,7 @@ def test_a_stub_reaches_the_learner_with_only_their_own_frames():
 
 def test_the_notebooks_call_learner_facing_checks():
     assert exercises.check_row_bytes.__wrapped__ is not None
-    assert exercises.check_row_bytes.__doc__.startswith("Exercise 12.2")
+    assert exercises.check_row_bytes.__doc__.startswith("Exercise 13.2")
 
 
 def test_a_hint_matches_whether_the_wrong_answer_is_a_tensor_or_a_number():

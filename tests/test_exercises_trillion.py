@@ -1,4 +1,4 @@
-"""The checks of notebook 11's exercises: the published solutions pass, plausible wrong answers fail with a
+"""The checks of notebook 12's exercises: the published solutions pass, plausible wrong answers fail with a
 message that names the input and the mistake, and an unfilled stub's NotImplementedError reaches the learner."""
 import dataclasses
 
@@ -7,7 +7,7 @@ from solutions import load
 
 from moelab import exercises, presets
 
-NS = load("11_trillion_scale.ipynb")
+NS = load("12_trillion_scale.ipynb")
 
 
 def test_the_published_solutions_pass():
@@ -141,7 +141,7 @@ def test_serving_memory_with_the_latent_split_by_tp_fails_with_a_hint():
 
 def test_an_unfilled_stub_raises_not_implemented_error():
     def stub(config):
-        raise NotImplementedError("exercise 11.1: write kv_cache_elements")
+        raise NotImplementedError("exercise 12.1: write kv_cache_elements")
 
-    with pytest.raises(NotImplementedError, match="exercise 11.1"):
+    with pytest.raises(NotImplementedError, match="exercise 12.1"):
         exercises.check_kv_cache_elements(stub)

@@ -14,7 +14,7 @@ LAYERS = {                # each top-level module or subpackage of moelab, by la
                  "rounds", "overlap"},
     "training": {"corpus", "data", "checkpoint", "train", "dp", "compression", "diloco", "ddp_hooks", "qexperts",
                  "accumulation", "mixed_precision", "pipeline", "schedules", "buckets",
-                 "zero", "uneven"},
+                 "zero", "uneven", "streaming_diloco", "elastic"},
     "analysis": {"presets", "sizing", "analysis", "viz", "bench", "exercises"},
     "experiments": {"experiments"},
 }

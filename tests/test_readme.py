@@ -149,3 +149,19 @@ def test_fp8_training_table_quotes_benchmarks_results():
         assert f"| {row['run']} | {row['seed']} | {row['val_loss']:.4f} |" in section, row["run"]
     for t in results["targets"]:
         assert f"{t['name']} {t['op']} {t['target']}: {t['value']}" in section, t["name"]
+
+
+def test_fragmented_tables_quote_benchmarks_results():
+    results = json.loads((ROOT / "benchmarks" / "results" / "fragmented.json").read_text(encoding="utf-8"))
+    section = README[README.index("## Fragmented clusters (measured)"):README.index("## Capstone")]
+    quoted = {"unequal": lambda r: f"| split {r['split']} | {r['shares']} | {r['val']:.4f} | {r['seconds']:.2f} s |",
+              "stragglers": lambda r: f"| {r['steady_seconds']:.2f} s | {r['straggler_seconds']:.2f} s |",
+              "streaming": lambda r: f"| {r['method']} | {r['val']:.4f} | {r['peak_bytes']:,d} |",
+              "failure": lambda r: f"| {r['committed']} | {r['val']:.4f} |",
+              "zero": lambda r: f"| {r['held']['parameters'] / 1e6:.2f} MB | {r['held']['gradients'] / 1e6:.2f} MB |"}
+    assert {r["kind"] for r in results["rows"]} == set(quoted)
+    for row in results["rows"]:
+        assert quoted[row["kind"]](row) in section, row
+    for t in results["targets"]:
+        assert f"{t['name']} {t['op']} {t['target']}: {t['value']}" in section, t["name"]
+        assert t["met"] or t["why"] in section, t["name"]

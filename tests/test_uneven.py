@@ -8,7 +8,7 @@ from moelab.config import ModelConfig
 from moelab.dist import launch
 from moelab.model import Transformer
 from moelab.network import Network, Topology
-from moelab.uneven import split_by_speed, weighted_average_gradients
+from moelab.uneven import slowdowns, split_by_speed, straggler_slowdown, weighted_average_gradients
 
 CONFIG = ModelConfig(vocab_size=50, block_size=16, n_layer=2, n_head=4, n_kv_head=2, d_model=32, d_ff=64)
 SPEEDS = [1.0, 2.0, 3.0]
@@ -66,3 +66,41 @@ def test_a_slow_rank_counts_its_computation_longer():
         start = net.now()
         time.sleep(0.1)                                  # on the wall clock, sleeping is computing
         assert net.now() - start == pytest.approx(0.1 / speed, rel=0.2)
+
+
+def test_slowdowns_are_seeded_and_as_frequent_as_asked():
+    speeds = slowdowns(2000, 4, probability=0.1, factor=4.0, seed=0)
+    assert speeds == slowdowns(2000, 4, probability=0.1, factor=4.0, seed=0)
+    slow = sum(s == 0.25 for row in speeds for s in row)
+    assert {s for row in speeds for s in row} == {1.0, 0.25}
+    assert abs(slow / 8000 - 0.1) < 0.01
+
+
+def test_a_synchronous_step_is_slow_when_any_rank_is():
+    assert straggler_slowdown(0.1, 4.0, 1) == pytest.approx(1.3)
+    assert straggler_slowdown(0.1, 4.0, 4) == pytest.approx(1 + 3 * (1 - 0.9 ** 4))
+    slow = torch.rand(100_000, 8, generator=torch.Generator().manual_seed(0)) < 0.1      # by sampling
+    assert torch.where(slow, 4.0, 1.0).max(-1).values.mean().item() == pytest.approx(
+        straggler_slowdown(0.1, 4.0, 8), rel=0.01)
+
+
+def test_set_speed_scales_what_follows_and_the_clock_does_not_jump():
+    net = Network(Topology(1, 1), virtual=True, cpu_time=True)
+    net.reset()
+    before = net.now()
+    net.set_speed(0.25)
+    assert abs(net.now() - before) < 1e-3
+    start, cpu = net.now(), time.thread_time()
+    sum(i * i for i in range(300_000))                  # a little computation
+    assert net.now() - start == pytest.approx(4 * (time.thread_time() - cpu), rel=0.05)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: slowdowns(10, 4, probability=1.5, factor=2.0), "probability = 1.5 is not allowed"),
+    (lambda: slowdowns(10, 4, probability=0.1, factor=0.5), "factor = 0.5 is not allowed; allowed: a number >= 1"),
+    (lambda: Network(Topology(1, 1), virtual=True).set_speed(-1), "speed = -1 is not allowed"),
+    (lambda: Network(Topology(1, 1)).set_speed(0.5), "virtual = False is not allowed"),
+])
+def test_bad_straggler_input_names_the_field(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()

@@ -139,7 +139,7 @@ def _save(result: Any) -> bytes:
     return buffer.getvalue()
 
 
-def _stop(processes: list) -> None:
+def stop_processes(processes: list) -> None:
     """Terminate, then kill, every process still alive; reap them all (those that were started)."""
     processes = [p for p in processes if p.pid is not None]
     for p in processes:
@@ -225,7 +225,7 @@ def launch(fn: RankFn, world_size: int, args: tuple = (), backend: str | None = 
             # from our own child; GPU tensors come back to the CPU
             results[rank] = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=False)
     finally:
-        _stop(processes)
+        stop_processes(processes)
         out.close()
         del store
         _print_by_rank(printed)

@@ -149,6 +149,17 @@ class Network:
             time.sleep(target - self.now())
         self.clock = max(end, self.now(), self.clock if self.clock is not None else end)
 
+    def set_speed(self, speed: float) -> None:
+        """From now on count this rank's computation ``1/speed`` times (a straggler's slow spell, and its end);
+        the clock does not jump."""
+        if not (isinstance(speed, (int, float)) and 0 < speed < float("inf")):
+            raise ValueError(f"Network: speed = {speed!r} is not allowed; allowed: a number > 0")
+        if not self.virtual:
+            raise ValueError("Network.set_speed: virtual = False is not allowed; allowed: a virtual network")
+        now = self.now()
+        self.speed = speed
+        self.offset = now - self._real() / speed
+
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
         """Leave the block out of the record (work that is not part of the run being timed, such as evaluation):

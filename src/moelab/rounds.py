@@ -84,3 +84,38 @@ def post(sends: Sequence[Message], recvs: Sequence[Message], net: Network | None
     order = [j for j, (_, t) in enumerate(recvs) if t.numel()]
     return Round([(peer, t.contiguous()) for peer, t in sends if t.numel()], [recvs[j] for j in order], order,
                  net, reserve)
+
+
+class InFlight:
+    """A whole collective in flight on the emulated network (:func:`in_flight`): its result, and when it began and
+    arrives on this rank's simulated clock."""
+
+    def __init__(self, result, net: Network | None, begin: float, end: float, round_time: float):
+        self.result, self.net, self.begin, self.end, self.round_time = result, net, begin, end, round_time
+        self.waited = False
+
+    def wait(self):
+        """The collective's result; on the network, the clock moves to its arrival if the rank gets there first
+        (waiting costs only what is left). A second call returns at once."""
+        if self.net is not None and not self.waited:
+            self.net.finish_round(0.0, self.end, self.net.now())
+            self.net.link_seconds += self.round_time
+        self.waited = True
+        return self.result
+
+
+def in_flight(collective: Callable[[Network | None], object], net: Network | None = None) -> InFlight:
+    """Start ``collective(net)`` (a collective of several rounds, e.g. a ring all-reduce) as if it were
+    asynchronous: the ranks exchange the data now, but on the emulated network this rank's clock goes back to
+    when the collective began, and :meth:`InFlight.wait` moves it to the collective's end only when the rank
+    waits. The rounds' own rules hold meanwhile (a late rank delays everyone's arrival; collectives started
+    later queue behind it on the link). The result must not be used before :meth:`InFlight.wait`, as with an
+    ``async_op=True`` collective, whose result is only there after ``wait``."""
+    if net is None:
+        return InFlight(collective(None), None, 0.0, 0.0, 0.0)
+    begin, link_seconds = net.now(), net.link_seconds
+    result = collective(net)
+    end, round_time = net.now(), net.link_seconds - link_seconds
+    net.offset -= end - begin                                # the rank goes on computing from when it began
+    net.link_seconds = link_seconds                          # counted when waited for
+    return InFlight(result, net, begin, end, round_time)

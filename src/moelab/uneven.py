@@ -12,7 +12,7 @@ Shapes: ``B`` sequences in the global batch, ``n_r`` of them on rank ``r``.
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -39,17 +39,42 @@ def split_by_speed(total: int, speeds: Sequence[float]) -> list[int]:
 
 
 def weighted_average_gradients(params: Iterable[torch.nn.Parameter], count: int,
-                               group: dist.ProcessGroup | None = None) -> int:
+                               group: dist.ProcessGroup | None = None,
+                               all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> int:
     """Turn this rank's gradients of its mean loss over ``count`` sequences into the gradient of the mean over all
-    ranks' sequences: ``Σ_r n_r·g_r / Σ_r n_r``, in one all-reduce (the counts travel with the gradients). Returns
-    the total count."""
+    ranks' sequences: ``Σ_r n_r·g_r / Σ_r n_r``, in one all-reduce (the counts travel with the gradients;
+    ``all_reduce(t) -> sum``, by default torch's on ``group``). Returns the total count."""
     params = [p for p in params if p.requires_grad]
     for p in params:
         if p.grad is None:                           # a parameter this step did not reach: its gradient is zero
             p.grad = torch.zeros_like(p)
     flat = torch.cat([p.grad.flatten() * count for p in params] + [torch.tensor([float(count)])])
-    dist.all_reduce(flat, group=group)
+    if all_reduce is None:
+        dist.all_reduce(flat, group=group)
+    else:
+        flat = all_reduce(flat)
     total = flat[-1]
     for p, g in zip(params, flat[:-1].split([p.numel() for p in params])):
         p.grad.copy_((g / total).view_as(p))
     return int(total)
+
+
+def slowdowns(steps: int, world: int, probability: float, factor: float, seed: int = 0) -> list[list[float]]:
+    """Each rank's speed at each step when any rank is ``factor`` times slower with ``probability`` at any step
+    (a straggler now and then: a noisy neighbour, a thermal throttle, a garbage collection), drawn from ``seed``:
+    ``speeds[step][rank]``, 1 or ``1/factor``."""
+    if not 0 <= probability <= 1:
+        raise ValueError(f"probability = {probability!r} is not allowed; allowed: 0 <= probability <= 1")
+    if not (isinstance(factor, (int, float)) and factor >= 1 and math.isfinite(factor)):
+        raise ValueError(f"factor = {factor!r} is not allowed; allowed: a number >= 1 (how many times slower)")
+    slow = torch.rand(steps, world, generator=torch.Generator().manual_seed(seed)) < probability
+    return [[1.0 / factor if s else 1.0 for s in row] for row in slow.tolist()]
+
+
+def straggler_slowdown(probability: float, factor: float, ranks: int) -> float:
+    """The expected time of a synchronous step over its time without stragglers, when each of ``ranks`` ranks is
+    ``factor`` times slower with ``probability`` (independently): the step waits for the slowest, so it is slow
+    whenever any rank is, ``1 + (factor − 1)(1 − (1 − probability)^ranks)``."""
+    if not 0 <= probability <= 1:
+        raise ValueError(f"probability = {probability!r} is not allowed; allowed: 0 <= probability <= 1")
+    return 1 + (factor - 1) * (1 - (1 - probability) ** ranks)

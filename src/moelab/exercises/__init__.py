@@ -13,6 +13,7 @@ from . import (
                dense,
                expert_parallel,
                fp8_training,
+               fragmented,
                moe_layer,
                moe_vs_dense,
                orientation,
@@ -24,7 +25,7 @@ from . import (
 from .core import Verdict, learner_facing
 
 MODULES = (orientation, dense, moe_layer, balancing, moe_vs_dense, expert_parallel, collectives, overlap,
-           quantization, fp8_training, slow_link, trillion, capstone)             # notebooks 00 … 12
+           quantization, fp8_training, slow_link, fragmented, trillion, capstone)             # notebooks 00 … 13
 __all__ = ["Verdict"] + [name for module in MODULES for name in module.__all__]
 # what the notebooks call: each check, with an unfilled stub's traceback trimmed to the learner's cell
 globals().update({name: learner_facing(getattr(module, name)) for module in MODULES for name in module.__all__})

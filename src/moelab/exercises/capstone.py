@@ -1,4 +1,4 @@
-"""Checks for the exercises of notebooks/12_capstone.ipynb: what crosses the slow link in the capstone's cluster.
+"""Checks for the exercises of notebooks/13_capstone.ipynb: what crosses the slow link in the capstone's cluster.
 
 References: :func:`moelab.twohop.node_rows` (DeepSeek-V3 §3.2.2: a token is sent to each node it needs once),
 :func:`moelab.wire.round_trip_bytes` (moelab's FP8 wire: the forward dispatch in FP8 with 1×128 scales,
@@ -38,7 +38,7 @@ def _tokens_across(indices: torch.Tensor, experts_per_node: int, node: int) -> i
 
 
 def check_copies_across(fn) -> Verdict:
-    """Exercise 12.1: ``fn(indices, experts_per_node, node) -> int``, how many copies of this rank's tokens two-hop
+    """Exercise 13.1: ``fn(indices, experts_per_node, node) -> int``, how many copies of this rank's tokens two-hop
     dispatch sends to other nodes: one per (token, other node it chose an expert on). ``indices`` ``(T, k)``:
     each token's distinct experts; expert ``e`` lives on node ``e // experts_per_node``; this rank is on ``node``."""
     g = seeded(1010)
@@ -64,7 +64,7 @@ def _all_fp8(d: int, wire: str) -> int:
 
 
 def check_row_bytes(fn) -> Verdict:
-    """Exercise 12.2: ``fn(d, wire) -> int``, the bytes one row of ``d`` values costs on its four trips (dispatch,
+    """Exercise 13.2: ``fn(d, wire) -> int``, the bytes one row of ``d`` values costs on its four trips (dispatch,
     combine, and both gradients back), ``wire`` ``"fp32"`` or ``"fp8"`` (moelab's FP8 wire: the forward dispatch
     in FP8 with an fp32 scale per 1×128 tile, BF16 for the other three)."""
     g = seeded(1011)
@@ -109,7 +109,7 @@ def _flat(x: torch.Tensor, indices: torch.Tensor, per_node: int, experts_per_nod
 
 
 def check_first_hop(fn) -> Verdict:
-    """Exercise 12.3, rank code: ``fn(x, indices, per_node, experts_per_node) -> tensor``, on every rank.
+    """Exercise 13.3, rank code: ``fn(x, indices, per_node, experts_per_node) -> tensor``, on every rank.
 
     The first hop of DeepSeek-V3's two-hop dispatch (§3.2.2): one copy of each token row ``x[t]`` per node its
     choices ``indices[t]`` fall on (experts ``n·experts_per_node …`` live on node ``n``; ranks are numbered node by
