@@ -30,7 +30,7 @@ from moelab.bench import target, write_result
 from moelab.dist import launch
 from moelab.elastic import run_replicas
 from moelab.experiments import fragmented as X
-from moelab.network import SLOW
+from moelab.network import SLOW, add_by_class
 from moelab.sizing import zero_state_per_device
 from moelab.uneven import slowdowns
 
@@ -87,7 +87,7 @@ def streaming() -> tuple[list[dict], dict]:
         syncs = out[0]["syncs"]
         row = {"kind": "streaming", "method": name, "fragments": args[0], "delay": args[1], "quantised": args[2],
                "H": RUN.H, "peak_bytes": max(b for *_, b in syncs), "total_bytes": sum(b for *_, b in syncs),
-               "syncs": len(syncs), **final(out[0]["evals"])}
+               "syncs": len(syncs), "steps": RUN.steps, "outer_momentum": RUN.outer_momentum, **final(out[0]["evals"])}
         rows.append(row)
         by_name[name] = row
     return rows, by_name
@@ -100,7 +100,8 @@ def failure() -> tuple[list[dict], dict]:
                                        timeout=600)
         committed = [r["rounds"][-1][0] for r in results]
         evals = next(r["evals"] for r in results if r["evals"])
-        row = {"kind": "failure", "killed": list(kill) if kill else None, "events": [e for _, e, _ in events],
+        row = {"kind": "failure", "steps": RUN.steps, "H": RUN.H, "killed": list(kill) if kill else None,
+               "events": [e for _, e, _ in events],
                "members": [m for _, m in results[0]["rounds"]], "committed": committed,
                "planned": RUN.steps // RUN.H, "same_params": all(torch.equal(r["params"], results[0]["params"])
                                                                  for r in results),
@@ -119,7 +120,7 @@ def zero() -> tuple[list[dict], list[bool], list[float]]:
         formula = zero_state_per_device(out[0]["numel"], 4, stage)
         held = out[0]["held"]
         rows.append({"kind": "zero", "stage": stage, "held": held, "formula": formula,
-                     "sent_per_step": out[0]["sent_per_step"]})
+                     "sent_per_step": add_by_class(o["sent_per_step"] for o in out)})     # all ranks, per link class
         if stage:
             same.append(all(torch.equal(a["params"], b["params"]) for a, b in zip(out, ddp)))
             gaps.append(max(abs(held[k] / formula[k] - 1) for k in held))

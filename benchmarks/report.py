@@ -239,7 +239,8 @@ def fragmented_block(r: dict) -> str:
     for row in rows["failure"]:
         name = "no failure" if row["killed"] is None else f"replica {row['killed'][0]} killed, step {row['killed'][1]}"
         lines.append(f"| {name} | {[len(m) for m in row['members']]} | {row['committed']} | {row['val']:.4f} |")
-    lines += ["", "| 4 ranks | parameters | gradients | optimizer | sent per step |", "|---|---|---|---|---|"]
+    lines += ["", "| 2 nodes × 2 ranks | parameters (per rank) | gradients | optimizer | sent per step, all ranks |",
+              "|---|---|---|---|---|"]
     for row in rows["zero"]:
         held = " | ".join(f"{row['held'][k] / 1e6:.2f} MB" for k in ("parameters", "gradients", "optimizer"))
         sent = ", ".join(f"{v / 1e6:.2f} MB ({k})" for k, v in sorted(row["sent_per_step"].items()))

@@ -6,9 +6,10 @@ reconfigurable process group) instead forms a **quorum** of the replicas alive a
 fresh process group for just those:
 
 - **Membership.** At round ``r`` every replica writes that it joined. The replicas expected are the last quorum's
-  members and any replica that has (re)started since, less those the supervisor saw die (a scheduler notices a
-  dead process, as torchft's Lighthouse notices missing heartbeats); the others wait for them at most
-  ``join_timeout`` seconds (a replica alive but hung, or still starting), then go on without the missing ones —
+  members and any replica the supervisor has (re)started since, less those it saw die (a scheduler notices a
+  dead process, as torchft's Lighthouse notices missing heartbeats). A replica that is starting is waited for
+  (within the job's ``timeout``): it is known to be on its way. A member that is alive but silent (hung) is waited
+  for at most ``join_timeout`` seconds; then the others go on without the missing ones —
   the job *shrinks* rather than stopping, because waiting for a machine that may never return wastes every
   survivor's time, and a DiLoCo average over fewer replicas is still a valid outer step. The first replica to
   decide writes the member list with ``compare_set``; everyone reads that one, so all agree even if they saw
@@ -20,6 +21,10 @@ fresh process group for just those:
 - **Healing.** A replica that comes back has no state: it joins the next round, contributes nothing to the
   average, and then receives from the lowest-numbered up-to-date member the current weights and optimizer state
   (torchft sends them over HTTP; here a broadcast on the round's group) and trains on from there.
+
+Known limits, kept for a short course run: the heal is not voted on (a source that dies while sending fails the
+job with its traceback), and each round's process group is dropped, not destroyed, when the next one is built
+(fine for tens of rounds; a long run would destroy them).
 
 :func:`run_replicas` is the supervisor (a cluster scheduler's part): it starts every replica as a process,
 restarts one that dies (up to ``restarts`` times), and stops and reaps them all within ``timeout``. The replicas
@@ -83,14 +88,15 @@ class Membership:
     def _get(self, key: str, default: str) -> str:
         return self.store.get(key).decode() if self.store.check([key]) else default
 
-    def _expected(self, number: int) -> set[int]:
-        """The last quorum's members and whoever (re)started since it was last a member, less those known dead."""
+    def _expected(self, number: int) -> tuple[set[int], set[int]]:
+        """The last quorum's members, and whoever the supervisor (re)started since it was last a member (known to be
+        on its way), less those known dead."""
         previous = self._get(f"quorum/{number - 1}", "")
-        expected = {int(m) for m in previous.split(",") if m}
-        for r in range(self.replicas):
-            if int(self._get(f"hello/{r}", "-1")) > int(self._get(f"seen/{r}", "-1")):
-                expected.add(r)
-        return {r for r in expected if self._get(f"alive/{r}", "1") == "1"}
+        members = {int(m) for m in previous.split(",") if m}
+        starting = {r for r in range(self.replicas)
+                    if int(self._get(f"hello/{r}", "-1")) > int(self._get(f"seen/{r}", "-1"))}
+        alive = {r for r in range(self.replicas) if self._get(f"alive/{r}", "1") == "1"}
+        return members & alive, starting & alive
 
     def _decide(self, key: str, propose: Callable[[], str], may_propose: bool) -> str:
         deadline = time.monotonic() + self.timeout
@@ -115,9 +121,11 @@ class Membership:
             def joined() -> list[int]:
                 return [r for r in range(self.replicas) if self.store.check([f"join/{number}/{r}"])]
 
-            def propose() -> str:                    # everyone expected is in, or the wait is over
+            def propose() -> str:       # everyone expected is in, or the wait for silent members is over
                 in_ = joined()
-                if set(in_) >= self._expected(number) or time.monotonic() > deadline:
+                members, starting = self._expected(number)
+                missing = (members | starting) - set(in_)
+                if not missing or (time.monotonic() > deadline and not missing & starting):
                     return ",".join(map(str, in_))
                 return ""
 
