@@ -65,6 +65,19 @@ def _set_lr(opt: torch.optim.Optimizer, step: int, run: FragmentedRun) -> None:
         group["lr"] = train.lr_at(step, run.train_config())
 
 
+def _steps(rank: int, run: FragmentedRun, net: Network, opt: torch.optim.Optimizer, speed: float,
+           stragglers: list[list[float]] | None):
+    """The run's steps on the clock started together: each with its learning rate set and, under ``stragglers``,
+    this rank's speed for the step."""
+    dist.barrier()
+    net.reset()
+    for step in range(run.steps):
+        if stragglers is not None:
+            net.set_speed(speed * stragglers[step][rank])
+        _set_lr(opt, step, run)
+        yield step
+
+
 def dp_rank(rank: int, world_size: int, run: FragmentedRun, speeds: list[float], split: str = "equal",
             stragglers: list[list[float]] | None = None) -> dict:
     """Synchronous data parallelism on ranks of ``speeds``, each step's batch of ``batch_size × world`` sequences
@@ -77,13 +90,8 @@ def dp_rank(rank: int, world_size: int, run: FragmentedRun, speeds: list[float],
     shares = split_by_speed(total, speeds) if split == "by_speed" else [run.batch_size] * world_size
     rows = slice(sum(shares[:rank]), sum(shares[:rank + 1]))
     evals: list[dict] = []
-    dist.barrier()
-    net.reset()
-    for step in range(run.steps):
-        if stragglers is not None:
-            net.set_speed(speeds[rank] * stragglers[step][rank])
+    for step in _steps(rank, run, net, opt, speeds[rank], stragglers):
         x, y = data.batch("train", total, model.config.block_size, seed=run.seed * 10**6 + step * 1000)
-        _set_lr(opt, step, run)
         _, loss = model(x[rows], y[rows])               # this rank's mean loss over its share
         opt.zero_grad(set_to_none=True)
         (loss + model.aux_loss).backward()
@@ -116,13 +124,8 @@ def diloco_rank(rank: int, world_size: int, run: FragmentedRun, speeds: list[flo
     global_model = copy.deepcopy(model)
     twin = {id(p): q for p, q in zip(model.parameters(), global_model.parameters())}
     evals: list[dict] = []
-    dist.barrier()
-    net.reset()
-    for step in range(run.steps):
-        if stragglers is not None:
-            net.set_speed(speeds[rank] * stragglers[step][rank])
+    for step in _steps(rank, run, net, opt, speeds[rank], stragglers):
         x, y = rank_batch(data, step, rank, run.batch_size, model.config.block_size, run.seed)
-        _set_lr(opt, step, run)
         train.train_step(model, opt, x, y, run.train_config().grad_clip)
         streaming.step(step)
         if rank == 0 and (step + 1) % run.eval_every == 0:
