@@ -1,4 +1,4 @@
-"""src/moelab's imports point one way: core → exchange → training → analysis → experiments, with no cycle.
+"""src/moelab's imports point one way: core → exchange → training → serving → analysis → experiments, with no cycle.
 
 Every import counts, wherever it stands: at the top, inside a function, or under ``if TYPE_CHECKING``.
 """
@@ -15,6 +15,7 @@ LAYERS = {                # each top-level module or subpackage of moelab, by la
     "training": {"corpus", "data", "checkpoint", "train", "dp", "compression", "diloco", "ddp_hooks", "qexperts",
                  "accumulation", "mixed_precision", "pipeline", "schedules", "buckets",
                  "zero", "uneven", "streaming_diloco", "elastic"},
+    "serving": {"decode", "roofline", "eplb", "expert_cache", "hf_export"},
     "analysis": {"presets", "sizing", "analysis", "viz", "bench", "exercises"},
     "experiments": {"experiments"},
 }
