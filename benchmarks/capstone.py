@@ -10,7 +10,7 @@ same batches (DiLoCo with H = 25). Recorded per setup: the validation loss every
 per link class (measured, and counted analytically from the routing), and the simulated wall-clock (measured
 compute + the links' α-β time). Targets: the measured bytes equal the analytic count, and everything at once ends
 within 5% of plain EP + DDP's validation loss (the parity target of issue #8). Writes
-benchmarks/results/capstone.json (notebooks/13_capstone.ipynb reads it).
+benchmarks/results/capstone.json (notebooks/14_capstone.ipynb reads it).
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
     python benchmarks/notebooks.py                  # every notebook, then `make test` in a fresh clone
     python benchmarks/notebooks.py --notebooks-only # skip the fresh clone (a few minutes less)
-    python benchmarks/notebooks.py --retime 12_trillion_scale   # time one chapter again, keep the other rows
+    python benchmarks/notebooks.py --retime 13_trillion_scale   # time one chapter again, keep the other rows
 
 Each notebook is executed alone, as a learner's `make lab` runs it (same kernel, progress bars off, 2 threads), on
 a copy, so the stored outputs are untouched. The fresh clone is `git clone` of this repository's HEAD into a
@@ -148,7 +148,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--notebooks-only", action="store_true", help="skip the fresh-clone `make test`")
     parser.add_argument("--retime", nargs="+", metavar="NOTEBOOK",
-                        help="time only these chapters again (e.g. 12_trillion_scale) and replace their rows and "
+                        help="time only these chapters again (e.g. 13_trillion_scale) and replace their rows and "
                              "targets in the committed results, keeping the rest")
     args = parser.parse_args()
     os.environ.update(NB_ENV)

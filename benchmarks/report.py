@@ -250,6 +250,24 @@ def fragmented_block(r: dict) -> str:
     return "\n".join(lines + ["", _targets(r)] + (["", "Why missed: " + " ".join(why)] if why else []))
 
 
+def serving_block(r: dict) -> str:
+    machine = {row["threads"]: row for row in r["rows"] if row["case"] == "machine"}
+    lines = [f"Memory bandwidth (read): {machine[1]['read_bytes_per_s'] / 1e9:.1f} GB/s on one thread, "
+             f"{machine[2]['read_bytes_per_s'] / 1e9:.1f} GB/s on two; decoding runs on one (this torch's CPU "
+             "matrix-vector products use one thread).", "",
+             "| decode, 64 cached positions | batch | measured | roofline | tokens/s | GB read per step | "
+             "experts touched (uniform) |", "|---|---|---|---|---|---|---|"]
+    for row in (row for row in r["rows"] if row["case"] == "roofline"):
+        touched = (f"{row['distinct_experts']:.1f} ({row['distinct_experts_uniform']:.1f})"
+                   if row["distinct_experts"] is not None else "—")
+        lines.append(f"| {row['model']} | {row['batch']} | {row['ms']:.1f} ms | {row['model_ms']:.1f} ms | "
+                     f"{row['tokens_per_s']:.0f} | {row['bytes_read'] / 1e9:.3f} | {touched} |")
+    lines += ["", "| MLA decode, batch 8, 1,024 positions | cache bytes per token | ms per step |", "|---|---|---|"]
+    lines += [f"| {row['attention']} | {row['cache_bytes_per_token']:,d} | {row['ms']:.1f} |"
+              for row in r["rows"] if row["case"] == "mla"]
+    return "\n".join(lines + ["", _targets(r)])
+
+
 def capstone_block(r: dict) -> str:
     c = r["config"]
     lines = [f"{c['steps']} optimizer steps per setup on {c['nodes']} nodes × {c['per_node']} ranks (inside a node: α "
@@ -301,7 +319,7 @@ BLOCKS = {"notebooks": notebooks_block, "moe_dispatch": moe_dispatch_block, "tra
           "expert_parallel": expert_parallel_block, "collectives": collectives_block, "quant": quant_block,
           "overlap": overlap_block,
           "fp8_training": fp8_training_block, "fp8_outliers": fp8_outliers_block, "slow_link": slow_link_block,
-          "fragmented": fragmented_block, "capstone": capstone_block, "sizing": sizing_block}
+          "fragmented": fragmented_block, "serving": serving_block, "capstone": capstone_block, "sizing": sizing_block}
 
 
 def fill(text: str, name: str, body: str, where: str) -> str:

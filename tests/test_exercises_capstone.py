@@ -1,4 +1,4 @@
-"""The checks of notebook 13's exercises: the published solutions pass, plausible wrong answers fail with a
+"""The checks of notebook 14's exercises: the published solutions pass, plausible wrong answers fail with a
 message that names the input and the mistake, and an unfilled stub's NotImplementedError reaches the learner."""
 import math
 
@@ -9,7 +9,7 @@ from solutions import load
 from moelab import exercises
 from moelab.exercises.ranks import send_to
 
-NS = load("13_capstone.ipynb")
+NS = load("14_capstone.ipynb")
 
 
 def test_the_published_solutions_pass():

@@ -1,4 +1,4 @@
-"""The checks of notebook 12's exercises: the published solutions pass, plausible wrong answers fail with a
+"""The checks of notebook 13's exercises: the published solutions pass, plausible wrong answers fail with a
 message that names the input and the mistake, and an unfilled stub's NotImplementedError reaches the learner."""
 import dataclasses
 
@@ -7,7 +7,7 @@ from solutions import load
 
 from moelab import exercises, presets
 
-NS = load("12_trillion_scale.ipynb")
+NS = load("13_trillion_scale.ipynb")
 
 
 def test_the_published_solutions_pass():

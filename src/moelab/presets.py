@@ -114,7 +114,7 @@ def course_fine_moe() -> ModelConfig:
 
 
 def lm_config(vocab_size: int = COURSE_VOCAB, n_experts: int = 8) -> ModelConfig:
-    """The course's expert-parallel language model of notebooks 05, 10 and 13: 2 layers, ``n_experts`` experts of
+    """The course's expert-parallel language model of notebooks 05, 10 and 14: 2 layers, ``n_experts`` experts of
     width 64, top-2, one shared expert, DeepSeek-V3's sigmoid router balanced by the sequence-wise loss alone.
 
     No aux-loss-free bias here: its update is ``γ · sign(mean load − load)``, a discrete function of the counts,

@@ -25,7 +25,7 @@ local index ``l`` of a :class:`~moelab.network.Topology`), with experts sharded 
 Every exchange is :func:`moelab.exchange.all_to_all` (differentiable; the gradients take the same paths back), and
 with the exchange's ``net`` goes over an emulated :class:`~moelab.network.Network`, bytes counted per link
 class. The result equals the single-process dispatch up to the order of the sums (tests/test_capstone.py). Built in
-notebooks/13_capstone.ipynb.
+notebooks/14_capstone.ipynb.
 
 Shapes: ``x`` is this rank's ``(T, d_model)`` token rows; ``k`` choices per token.
 """

@@ -1,4 +1,4 @@
-"""Checks for the exercises of notebooks/13_capstone.ipynb: what crosses the slow link in the capstone's cluster.
+"""Checks for the exercises of notebooks/14_capstone.ipynb: what crosses the slow link in the capstone's cluster.
 
 References: :func:`moelab.twohop.node_rows` (DeepSeek-V3 §3.2.2: a token is sent to each node it needs once),
 :func:`moelab.wire.round_trip_bytes` (moelab's FP8 wire: the forward dispatch in FP8 with 1×128 scales,

@@ -1,4 +1,4 @@
-"""Checks for notebook 12 (trillion scale): MLA's KV cache and parameters, and memory per device.
+"""Checks for notebook 13 (trillion scale): MLA's KV cache and parameters, and memory per device.
 
 Four checks: MLA's KV cache and parameters per layer, and the bytes per device of a parallel layout for training
 and for serving. Each compares the learner's function with :mod:`moelab.config`, :mod:`moelab.presets` and
@@ -45,7 +45,7 @@ def _kv_cache_all_heads(config: ModelConfig) -> int:
 
 
 def check_kv_cache_elements(fn) -> Verdict:
-    """Notebook 12, exercise 1: ``fn(config) -> int``, the values a decoder caches per token and layer:
+    """Notebook 13, exercise 1: ``fn(config) -> int``, the values a decoder caches per token and layer:
     ``kv_lora_rank + qk_rope_head_dim`` for MLA (the latent ``c_kv`` and the shared RoPE key: DeepSeek-V2,
     arXiv:2405.04434, §2.1.2–2.1.3), ``2 · n_kv_head · head_dim`` for grouped-query attention (Ainslie et al.
     2023). As :meth:`moelab.config.ModelConfig.kv_cache_elements`."""
@@ -74,7 +74,7 @@ def _mla_without_rope_key(config: ModelConfig) -> int:
 
 
 def check_mla_parameters(fn) -> Verdict:
-    """Notebook 12, exercise 2: ``fn(config) -> int``, the parameters of one MLA layer: the query path
+    """Notebook 13, exercise 2: ``fn(config) -> int``, the parameters of one MLA layer: the query path
     (``W_DQ``, its norm, ``W_UQ`` with the RoPE queries, or one ``d × H·(nope + rope)`` matrix when
     ``q_lora_rank`` is 0), the joint ``W_DKV`` with the RoPE key, the latent's norm, ``W_UK`` and ``W_UV``, and
     the output projection (DeepSeek-V2, arXiv:2405.04434, §2.1; the fact sheet §1.4). As
@@ -117,7 +117,7 @@ def _training_tp_splits_experts(config: ModelConfig, layout: Layout) -> dict[str
 
 
 def check_training_memory(fn) -> Verdict:
-    """Notebook 12, exercise 3: ``fn(config, layout) -> {"weights", "gradients", "optimizer"}``, bytes on one device
+    """Notebook 13, exercise 3: ``fn(config, layout) -> {"weights", "gradients", "optimizer"}``, bytes on one device
     for BF16 mixed-precision training with AdamW (Micikevicius et al. 2018: BF16 weights and gradients, fp32
     master copy and two fp32 moments). Routed experts are split ``ep · pp`` ways, the rest ``tp · pp`` ways;
     ZeRO-1 (Rajbhandari et al. 2020) shards the optimizer states over the replicas holding the same parameters:
@@ -161,7 +161,7 @@ def _serving_all_experts(config: ModelConfig, layout: Layout, kv_tokens: int) ->
 
 
 def check_serving_memory(fn) -> Verdict:
-    """Notebook 12, exercise 4: ``fn(config, layout, kv_tokens) -> {"weights", "kv_cache"}``, bytes on one device
+    """Notebook 13, exercise 4: ``fn(config, layout, kv_tokens) -> {"weights", "kv_cache"}``, bytes on one device
     serving with FP8 weights (1 byte a parameter, split as in training) and a BF16 KV cache of ``kv_tokens``
     tokens for the device's ``n_layer / pp`` layers: ``kv_cache_elements()`` values per token and layer, split by
     ``tp`` for grouped-query heads but not for MLA's one latent per token (DeepSeek-V3, arXiv:2412.19437, §3.4).

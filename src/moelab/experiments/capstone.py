@@ -19,7 +19,7 @@ one before, so that the bytes on each link class, the simulated time and the val
 
 Every exchange goes over one virtual :class:`~moelab.network.Network` (time simulated, nothing slept), and
 :func:`analytic_bytes` counts what each rung must send from the routing alone; the two agree exactly
-(tests/test_capstone.py). Notebook 13 runs the ladder briefly; benchmarks/capstone.py runs it long.
+(tests/test_capstone.py). Notebook 14 runs the ladder briefly; benchmarks/capstone.py runs it long.
 
 Shapes: ``T`` tokens on a rank per step, ``k`` choices per token.
 """
@@ -60,7 +60,7 @@ def has(setup: str, rung: str) -> bool:
 
 @dataclass(frozen=True)
 class CapstoneConfig(TwoTierRun):
-    """One comparison of notebook 13: the settings of :class:`~moelab.experiments.two_tier.TwoTierRun` (DiLoCo's
+    """One comparison of notebook 14: the settings of :class:`~moelab.experiments.two_tier.TwoTierRun` (DiLoCo's
     outer step as in notebook 10), with shorter defaults."""
 
     steps: int = 40

@@ -1,4 +1,4 @@
-"""The settings notebooks 10 and 13 share: training data-parallel on an emulated two-tier network."""
+"""The settings notebooks 10 and 14 share: training data-parallel on an emulated two-tier network."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,7 +10,7 @@ from ..network import FAST, SLOW, Link, Topology
 
 @dataclass(frozen=True)
 class TwoTierRun:
-    """Training on an emulated two-tier network, as notebooks 10 and 13 run it: ``steps`` optimizer steps at
+    """Training on an emulated two-tier network, as notebooks 10 and 14 run it: ``steps`` optimizer steps at
     ``batch_size`` sequences per rank per step, the inner AdamW schedule of :class:`~moelab.train.TrainConfig`
     (``lr``, warmup over ``warmup_steps``), ``H`` inner steps per outer step, DiLoCo's outer Nesterov SGD
     (``outer_lr``, ``outer_momentum``: OpenDiLoCo's lr 0.7, but momentum 0.5, not its 0.9, which needs more than
