@@ -198,8 +198,7 @@ def overlap_block(r: dict) -> str:
         lines.append(f"| {row['schedule']} | {row['F_ms']:.1f} / {row['B_ms']:.1f} / {row['W_ms']:.1f} | "
                      f"{row['bubble']:.3f} | {row['formula']:.3f} | {row['held']} | "
                      f"{max(row['parameters']) / 1e6:.2f} M |")
-    why = [f"{t['name']}: {t['why']}" for t in r["targets"] if not t["met"] and "why" in t]
-    return "\n".join(lines + [_targets(r)] + (["", "Why missed: " + " ".join(why)] if why else []))
+    return "\n".join(lines + [_targets(r)] + _why_missed(r))
 
 
 def slow_link_block(r: dict) -> str:
@@ -246,8 +245,7 @@ def fragmented_block(r: dict) -> str:
         sent = ", ".join(f"{v / 1e6:.2f} MB ({k})" for k, v in sorted(row["sent_per_step"].items()))
         name = f"ZeRO-{row['stage']}" if row["stage"] else "DDP"
         lines.append(f"| {name} | {held} | {sent} |")
-    why = [f"{t['name']}: {t['why']}" for t in r["targets"] if not t["met"] and "why" in t]
-    return "\n".join(lines + ["", _targets(r)] + (["", "Why missed: " + " ".join(why)] if why else []))
+    return "\n".join(lines + ["", _targets(r)] + _why_missed(r))
 
 
 def serving_block(r: dict) -> str:
@@ -265,7 +263,13 @@ def serving_block(r: dict) -> str:
     lines += ["", "| MLA decode, batch 8, 1,024 positions | cache bytes per token | ms per step |", "|---|---|---|"]
     lines += [f"| {row['attention']} | {row['cache_bytes_per_token']:,d} | {row['ms']:.1f} |"
               for row in r["rows"] if row["case"] == "mla"]
-    return "\n".join(lines + ["", _targets(r)])
+    m = next(row for row in r["rows"] if row["case"] == "mtp")
+    lines += ["", "| MTP speculative decoding (committed model) | " + " | ".join(m["by_domain"])
+              + " | all | speed-up |",
+              "|---" * (len(m["by_domain"]) + 3) + "|",
+              "| drafts accepted | " + " | ".join(f"{d['acceptance_rate']:.1%}" for d in m["by_domain"].values())
+              + f" | {m['acceptance_rate']:.1%} | {m['speedup']:.2f}× |"]
+    return "\n".join(lines + ["", _targets(r)] + _why_missed(r))
 
 
 def capstone_block(r: dict) -> str:
@@ -320,6 +324,12 @@ BLOCKS = {"notebooks": notebooks_block, "moe_dispatch": moe_dispatch_block, "tra
           "overlap": overlap_block,
           "fp8_training": fp8_training_block, "fp8_outliers": fp8_outliers_block, "slow_link": slow_link_block,
           "fragmented": fragmented_block, "serving": serving_block, "capstone": capstone_block, "sizing": sizing_block}
+
+
+def _why_missed(r: dict) -> list[str]:
+    """The explanations the benchmark gave for the targets it missed, as the lines that follow its targets."""
+    why = [f"{t['name']}: {t['why']}" for t in r["targets"] if not t["met"] and "why" in t]
+    return ["", "Why missed: " + " ".join(why)] if why else []
 
 
 def fill(text: str, name: str, body: str, where: str) -> str:

@@ -9,13 +9,13 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "moelab"
 LAYERS = {                # each top-level module or subpackage of moelab, by layer, lowest first
-    "core": {"config", "layers", "ffn", "router", "dispatch", "balance", "moe", "mla", "model", "notebook"},
+    "core": {"config", "layers", "ffn", "router", "dispatch", "balance", "moe", "mla", "mtp", "model", "notebook"},
     "exchange": {"sendable", "dist", "timeline", "network", "collectives", "quant", "wire", "exchange", "twohop", "ep",
                  "rounds", "overlap"},
     "training": {"corpus", "data", "checkpoint", "train", "dp", "compression", "diloco", "ddp_hooks", "qexperts",
                  "accumulation", "mixed_precision", "pipeline", "schedules", "buckets",
                  "zero", "uneven", "streaming_diloco", "elastic"},
-    "serving": {"decode", "roofline", "eplb", "expert_cache", "hf_export"},
+    "serving": {"decode", "roofline", "speculative", "eplb", "expert_cache", "hf_export"},
     "analysis": {"presets", "sizing", "analysis", "viz", "bench", "exercises"},
     "experiments": {"experiments"},
 }

@@ -102,6 +102,17 @@ def test_resume_may_change_only_when_things_are_logged(data, tmp_path, monkeypat
     assert resumed.loss == train(model_for(data), data, CFG, progress=False).loss
 
 
+def test_resume_reads_a_checkpoint_written_before_a_config_field_existed(data, tmp_path, monkeypatch):
+    ckpt = tmp_path / "run.pt"
+    train_until_crash(data, CFG, ckpt, crash_step=7, monkeypatch=monkeypatch)
+    state = load_checkpoint(ckpt)
+    for name in ("mtp_depth", "mtp_loss_weight"):          # fields with defaults, added after such checkpoints
+        del state["model_config"][name]
+    save_checkpoint(ckpt, state)
+    resumed = train(model_for(data), data, CFG, checkpoint=ckpt, resume=True, progress=False)
+    assert resumed.loss == train(model_for(data), data, CFG, progress=False).loss
+
+
 def test_resume_refuses_a_different_config_or_tokenizer(data, tmp_path):
     ckpt = tmp_path / "run.pt"
     train(model_for(data), data, CFG, checkpoint=ckpt, progress=False)

@@ -110,6 +110,11 @@ class ModelConfig:
     ``z_loss_coef`` (ST-MoE), ``seq_aux_coef`` (DeepSeek-V3 sequence-wise), ``bias_update_speed`` (DeepSeek-V3
     aux-loss-free γ).
 
+    ``mtp_depth`` = ``D`` > 0 adds DeepSeek-V3's multi-token-prediction modules (:mod:`moelab.mtp`; Hugging Face's
+    ``num_nextn_predict_layers``): module ``k`` predicts the token ``k + 1`` positions ahead, and training adds
+    ``mtp_loss_weight`` (λ) times their mean cross-entropy to the loss. V3 uses ``D = 1`` and λ = 0.3, later 0.1.
+    ``D = 0`` is the model without them.
+
     ``attention = "mla"`` replaces grouped-query attention by multi-head latent attention (:mod:`moelab.mla`,
     DeepSeek-V2/V3) with ``q_lora_rank`` (0: no query bottleneck), ``kv_lora_rank``, ``qk_nope_head_dim``,
     ``qk_rope_head_dim`` and ``v_head_dim``; ``n_kv_head`` does not apply to it, and ``head_dim`` is its query and
@@ -154,6 +159,9 @@ class ModelConfig:
     z_loss_coef: float = 0.0
     seq_aux_coef: float = 0.0
     bias_update_speed: float = 0.0
+    # Multi-token prediction (DeepSeek-V3 §2.2, moelab.mtp); mtp_depth = 0 builds none.
+    mtp_depth: int = 0
+    mtp_loss_weight: float = 0.3
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
@@ -180,6 +188,9 @@ class ModelConfig:
               "allowed: True or False")
         set_checked(self, "init_std", check_float(owner, "init_std", self.init_std, 0.0, 1.0))
         self._check_moe(owner)
+        set_checked(self, "mtp_depth", check_int(owner, "mtp_depth", self.mtp_depth, 0))
+        set_checked(self, "mtp_loss_weight", check_float(owner, "mtp_loss_weight", self.mtp_loss_weight, 0.0,
+                                                         math.inf, high_open=True))
 
     def _check_gqa_heads(self, owner: str) -> None:
         if self.head_dim is None:

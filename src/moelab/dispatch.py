@@ -90,7 +90,10 @@ def _sorted(x: torch.Tensor, token: torch.Tensor, expert: torch.Tensor, weight: 
     token, weight = token[order], weight[order]
     rows = x.index_select(0, token)                                                # (N, d), grouped by expert
     sizes = torch.diff(offsets, prepend=offsets.new_zeros(1)).tolist()
-    out = torch.cat([experts.expert(e, segment) for e, segment in enumerate(rows.split(sizes))])
+    # Only the experts that received rows run (a decode step's few tokens choose few), so a step reads only their
+    # weights; with no rows at all, expert 0 runs on none, so that the weights still get their (zero) gradients.
+    chosen = [(e, segment) for e, segment in enumerate(rows.split(sizes)) if segment.shape[0]] or [(0, rows)]
+    out = torch.cat([experts.expert(e, segment) for e, segment in chosen])
     return combine(x, token, out * weight[:, None])
 
 

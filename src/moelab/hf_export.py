@@ -204,7 +204,7 @@ def export(model: Transformer, directory: str | Path, architecture: str | None =
     """Write ``model`` to ``directory`` as a ``transformers`` checkpoint of ``architecture`` (default:
     :func:`architecture_for` its config); returns the directory. Refuses, before writing, what the target cannot
     express. ``AutoModelForCausalLM.from_pretrained(directory)`` then gives moelab's eval-mode logits."""
-    from safetensors.torch import save_file  # the `test` extra pins it; transformers depends on it too
+    from safetensors.torch import save_file  # the `lab` extra pins it; transformers depends on it too
 
     architecture = architecture or architecture_for(model.config)
     check_exportable(model.config, architecture)

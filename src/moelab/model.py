@@ -27,6 +27,7 @@ from .config import ModelConfig
 from .layers import RMSNorm, apply_rope, rope_cache
 from .mla import MultiHeadLatentAttention
 from .moe import MoE, ffn_for_layer
+from .mtp import MTPModule, mtp_loss
 
 
 @contextlib.contextmanager
@@ -108,6 +109,12 @@ class Transformer(nn.Module):
     ``make_ffn(config, layer_index)`` builds the module in each block's FFN slot. The default,
     :func:`moelab.moe.ffn_for_layer`, follows the config: a dense SwiGLU, or an MoE layer when the config has
     routed experts.
+
+    With ``mtp_depth = D > 0``, ``mtp`` holds ``D`` multi-token-prediction modules (:class:`moelab.mtp.MTPModule`,
+    blocks ``n_layer…n_layer + D − 1`` for ``make_ffn``) that read the main model's last hidden states; the main
+    model itself never reads them. They are built with the CPU's random-number generator forked (models are built
+    on the CPU, then moved), so the main model's initial weights are those of the same config without MTP; and
+    ``D = 0`` leaves ``mtp`` empty: the same parameters, state-dict keys and outputs as a model without the feature.
     """
 
     def __init__(self, config: ModelConfig, make_ffn: Callable[[ModelConfig, int], nn.Module] = ffn_for_layer):
@@ -120,6 +127,10 @@ class Transformer(nn.Module):
         self.output = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
+        with torch.random.fork_rng([], enabled=config.mtp_depth > 0):   # reset_parameters draws the weights
+            self.mtp = nn.ModuleList(MTPModule(config, Block(config, make_ffn(config, config.n_layer + k)))
+                                     for k in range(config.mtp_depth))
+        self.mtp_loss = torch.zeros(())
         cos, sin = rope_cache(config.rope_head_dim, config.block_size, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -134,13 +145,20 @@ class Transformer(nn.Module):
         return [layer.ffn for layer in self.layers if isinstance(layer.ffn, MoE)]
 
     @property
+    def mtp_moe_layers(self) -> list[MoE]:
+        """The MoE layers of the MTP modules' blocks: outside :attr:`moe_layers`, which describe the main model;
+        balanced through :attr:`mtp_loss` and :meth:`after_step`."""
+        return [module.moe for module in self.mtp if module.moe is not None]
+
+    @property
     def aux_loss(self) -> torch.Tensor:
         """The MoE layers' weighted balancing losses from the last forward pass (zero for a dense model)."""
         return sum((moe.aux_loss for moe in self.moe_layers), torch.zeros((), device=self.device))
 
     def after_step(self) -> None:
-        """Call after each optimizer step: MoE layers apply their aux-loss-free bias updates."""
-        for moe in self.moe_layers:
+        """Call after each optimizer step: MoE layers, the MTP modules' included, apply their aux-loss-free bias
+        updates."""
+        for moe in self.moe_layers + self.mtp_moe_layers:
             moe.after_step()
 
     def reset_parameters(self) -> None:
@@ -155,8 +173,9 @@ class Transformer(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         """``idx``: ``(B, T)`` token ids. Returns logits ``(B, T, vocab)`` and the mean cross-entropy (or None).
 
-        The loss is the language-modelling loss only; MoE balancing losses are in :attr:`aux_loss`, which the
-        training loop adds before ``backward``.
+        The loss is the language-modelling loss only; MoE balancing losses are in :attr:`aux_loss`, and with
+        ``targets`` the MTP modules' loss is in :attr:`mtp_loss` (:func:`moelab.mtp.mtp_loss`; zero without MTP or
+        targets). The training loop adds both before ``backward``.
         """
         self._check_ids(idx)
         T = idx.shape[1]
@@ -166,9 +185,10 @@ class Transformer(nn.Module):
         for layer in self.layers:
             x = layer(x, self.rope_cos, self.rope_sin)
         logits = self.output(self.norm(x))                                          # (B, T, vocab)
-        loss = None
+        loss, self.mtp_loss = None, torch.zeros((), device=x.device)
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+            self.mtp_loss = mtp_loss(self, x, targets)
         return logits, loss
 
     def _check_ids(self, idx: torch.Tensor) -> None:
@@ -223,12 +243,16 @@ def complete(model: Transformer, tokenizer, prompt: str, max_new_tokens: int = 8
 
 
 def parameter_counts(model: Transformer) -> dict[str, int]:
-    """``total`` parameters, and the ``active`` ones each token uses: all but the ``E − k`` routed experts it
-    skips in every MoE layer. Embedding and output head count as active (the convention of notebook 00)."""
-    total = sum(p.numel() for p in model.parameters())
+    """``total`` parameters of the main model, and the ``active`` ones each token uses: all but the ``E − k`` routed
+    experts it skips in every MoE layer. Embedding and output head count as active (the convention of notebook 00).
+
+    ``mtp``: the multi-token-prediction modules' own parameters (their embedding and head are the main model's),
+    outside ``total`` as DeepSeek counts them outside V3's 671 B (685 B with them)."""
+    mtp = sum(p.numel() for p in model.mtp.parameters())
+    total = sum(p.numel() for p in model.parameters()) - mtp
     skipped = sum((moe.experts.n_experts - moe.config.top_k) * sum(p[0].numel() for p in moe.experts.parameters())
                   for moe in model.moe_layers)
-    return {"total": total, "active": total - skipped}
+    return {"total": total, "active": total - skipped, "mtp": mtp}
 
 
 def flops_per_token(model: Transformer) -> int:

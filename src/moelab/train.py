@@ -117,7 +117,8 @@ class History:
     For a model with MoE layers, also per step: the balancing loss added to the training loss (``aux_loss``),
     how many of the batch's token-to-expert assignments chose each expert of each MoE layer, before any
     capacity drop (``expert_counts[step][layer][expert]``), and the fraction of assignments dropped by capacity
-    dispatch, averaged over layers (``dropped``).
+    dispatch, averaged over layers (``dropped``). For a model with multi-token prediction, also per step the MTP loss
+    added to the training loss (``mtp_loss``, :func:`moelab.mtp.mtp_loss`).
     """
 
     step: list[int] = field(default_factory=list)
@@ -129,6 +130,7 @@ class History:
     aux_loss: list[float] = field(default_factory=list)
     expert_counts: list[list[list[int]]] = field(default_factory=list)
     dropped: list[float] = field(default_factory=list)
+    mtp_loss: list[float] = field(default_factory=list)
     tokens_per_step: int = 0
     seconds: float = 0.0
 
@@ -149,9 +151,10 @@ def train_step(model: Transformer, opt: torch.optim.Optimizer, x: torch.Tensor, 
                all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None, replicas: int | None = None,
                timeline: Timeline | None = None,
                forward: torch.nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step on the batch ``(x, y)``: language-modelling loss plus the MoE balancing losses,
-    backward, gradient clipping (if ``grad_clip > 0``), the optimizer, then the MoE bias updates. Returns the
-    two losses (detached).
+    """One optimizer step on the batch ``(x, y)``: language-modelling loss plus the MoE balancing losses and the
+    multi-token-prediction loss (:attr:`~moelab.model.Transformer.mtp_loss`, zero without MTP), backward, gradient
+    clipping (if ``grad_clip > 0``), the optimizer, then the MoE bias updates. Returns the first two losses
+    (detached).
 
     The same step trains in one process, data-parallel and data + expert parallel. With ``data_parallel`` (implied
     when the MoE layers are expert-parallel, or an ``all_reduce`` is given), ``(x, y)`` is this rank's share of the
@@ -167,7 +170,7 @@ def train_step(model: Transformer, opt: torch.optim.Optimizer, x: torch.Tensor, 
     _, loss = (forward or model)(x.to(model.device), y.to(model.device))
     aux = model.aux_loss
     opt.zero_grad(set_to_none=True)
-    (loss + aux).backward()
+    (loss + aux + model.mtp_loss).backward()
     if data_parallel or sharded or all_reduce is not None:
         average_gradients(model, grad_clip, group=group, all_reduce=all_reduce, replicas=replicas,
                           timeline=timeline)
@@ -214,10 +217,12 @@ def _resume(path: Path, model: Transformer, opt: torch.optim.Optimizer, cfg: Tra
     state = load_training_state(path)
     current = {"model_config": model.config.to_dict(),
                "train_config": {k: v for k, v in cfg.to_dict().items() if k not in LOGGING_FIELDS}}
+    stored = {"model_config": ModelConfig.from_dict(state["model_config"]).to_dict(),   # fields added since: defaults
+              "train_config": from_dict(TrainConfig, state["train_config"]).to_dict()}
     for key, fields in current.items():
         for name, value in fields.items():
-            if state[key].get(name) != value:
-                raise ConfigError(f"cannot resume from {path}: its {key} has {name} = {state[key].get(name)!r}, "
+            if stored[key][name] != value:
+                raise ConfigError(f"cannot resume from {path}: its {key} has {name} = {stored[key][name]!r}, "
                                   f"this run has {value!r}; allowed: the same value, or a new checkpoint path")
     if state["tokenizer"] != data.tokenizer.chars:
         raise ConfigError(f"cannot resume from {path}: it was trained with a different tokenizer "
@@ -284,6 +289,8 @@ def train(model: Transformer, data: TextData, cfg: TrainConfig, checkpoint: str 
             history.aux_loss.append(aux.item())
             history.expert_counts.append([moe.counts.tolist() for moe in model.moe_layers])
             history.dropped.append(sum(moe.dropped for moe in model.moe_layers) / len(model.moe_layers))
+        if model.config.mtp_depth:
+            history.mtp_loss.append(model.mtp_loss.item())
         bar.update(1)
         bar.set_postfix(loss=f"{history.loss[-1]:.3f}", val=f"{history.eval_val[-1]:.3f}")
         if checkpoint is not None and cfg.checkpoint_interval and (step + 1) % cfg.checkpoint_interval == 0:

@@ -19,13 +19,14 @@ from . import (
                orientation,
                overlap,
                quantization,
+               serving,
                slow_link,
                trillion,
 )
 from .core import Verdict, learner_facing
 
 MODULES = (orientation, dense, moe_layer, balancing, moe_vs_dense, expert_parallel, collectives, overlap,
-           quantization, fp8_training, slow_link, fragmented, trillion, capstone)             # notebooks 00 … 13
+           quantization, fp8_training, slow_link, fragmented, serving, trillion, capstone)    # notebooks 00 … 14
 __all__ = ["Verdict"] + [name for module in MODULES for name in module.__all__]
 # what the notebooks call: each check, with an unfilled stub's traceback trimmed to the learner's cell
 globals().update({name: learner_facing(getattr(module, name)) for module in MODULES for name in module.__all__})
