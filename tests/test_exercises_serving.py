@@ -1,138 +1,221 @@
 """The checks of notebook 12's exercises: the published solutions pass, plausible wrong answers fail with a
 message that names the input and the mistake, and an unfilled stub's NotImplementedError reaches the learner."""
-import functools
-
 import pytest
 import torch
 from solutions import load
 
-from moelab import exercises, presets
-from moelab.config import ModelConfig
-from moelab.decode import mla_absorbed_step
-from moelab.exercises.serving import _absorbed, _naive_attention
-from moelab.expert_cache import lru_hit_rate
-from moelab.model import Transformer
+from moelab import exercises
+from moelab.eplb import rebalance_experts
+from moelab.exercises.serving import CPU, H100_BF16, _roofline_batch, _roofline_inputs
+from moelab.experiments.mtp import load_results
 from moelab.roofline import expected_distinct_experts
 
 NS = load("12_serving.ipynb")
+V3 = (16.19e9, 2.554e9, 256, 8)          # DeepSeek-V3: weights outside the routed experts, one expert, E, k
 
 
 def test_the_published_solutions_pass():
-    assert exercises.check_distinct_experts(NS["distinct_experts"])
-    assert exercises.check_lru_loads(NS["lru_loads"])
-    assert exercises.check_absorbed_attention(NS["absorbed_attention"])
+    assert exercises.check_roofline_batch(NS["roofline_batch"])
+    assert exercises.check_replicate_experts(NS["replicate_experts"])
+    assert exercises.check_expected_tokens_per_pass(NS["expected_tokens_per_pass"])
 
 
 def test_the_predictions_are_what_the_library_says():
-    assert round(expected_distinct_experts(256, 8, 64), 1) == 222.4
-    small = torch.tensor([[0], [1], [0], [2], [0]])[:, None, :]
-    cycle = (torch.arange(100) % 5)[:, None, None]
-    assert [lru_hit_rate(small, 2, 3).loads, lru_hit_rate(cycle, 4, 5).loads, lru_hit_rate(cycle, 5, 5).loads] \
-        == [3, 100, 5]
-    v3 = presets.PRESETS["DeepSeek-V3"]()
-    naive = v3.n_head * (v3.qk_nope_head_dim + v3.qk_rope_head_dim + v3.v_head_dim)
-    assert (2 * v3.kv_cache_elements(), 2 * naive, 2 * v3.kv_cache_elements() * v3.n_layer) == (1152, 81920, 70272)
+    # 12.1: dense float32 on this CPU, an MoE with E/k = 8, and the H100 figures the solution quotes
+    assert (_roofline_batch(1e9, 0.0, 0, 0, 4, *CPU), _roofline_batch(0.0, 1e8, 64, 8, 4, *CPU)) == (9, 67)
+    assert round(expected_distinct_experts(64, 8, 67), 2) == 63.99
+    assert (_roofline_batch(70e9, 0.0, 0, 0, 2, *H100_BF16), _roofline_batch(*V3, 2, *H100_BF16)) == (296, 5402)
+    assert _roofline_batch(*V3, 4, *CPU) == 153
+    # 12.2: 120, 70, 50 and 10 tokens on 8 slots; every extra slot to the hottest expert instead
+    assert NS["replicate_experts"]([120, 70, 50, 10], 8) == [3, 2, 2, 1]
+    assert max(load / n for load, n in zip([120, 70, 50, 10], [3, 2, 2, 1])) == 40
+    assert max(load / n for load, n in zip([120, 70, 50, 10], [5, 1, 1, 1])) == 70
+    # 12.3: the chapter's acceptance rate with 1, 2 and 4 drafts, and the limit of a long chain
+    tokens = NS["expected_tokens_per_pass"]
+    assert [round(tokens(0.888, n), 3) for n in (1, 2, 4)] == [1.888, 2.677, 3.999]
+    assert round(1 / (1 - 0.888), 2) == 8.93
 
 
-@pytest.mark.parametrize("n_experts, top_k, batch", [(256, 8, 64), (64, 6, 8), (16, 2, 1), (32, 4, 24)])
-def test_the_distinct_experts_formula_is_what_uniform_routing_samples(n_experts, top_k, batch):
-    trials = 400
-    scores = torch.rand(trials, batch, n_experts, generator=torch.Generator().manual_seed(n_experts + batch))
-    picked = torch.zeros(trials, n_experts, dtype=torch.bool)
-    picked.scatter_(1, scores.topk(top_k, dim=-1).indices.flatten(1), True)     # k distinct experts per token
-    counts = picked.sum(1).double()
-    error = 4 * counts.std().item() / trials ** 0.5 + 1e-6        # 4 standard errors
-    assert abs(counts.mean().item() - NS["distinct_experts"](n_experts, top_k, batch)) <= error
+def test_the_speed_up_cell_prints_the_prediction_beside_the_measurement():
+    spec = load_results()["speculative"]
+    assert (spec["acceptance_rate"], spec["speedup"]) == (0.8884, 1.376)
+    assert round(NS["predicted"], 3) == spec["predicted_speedup"] == 1.429     # the experiment's own prediction
 
 
-def test_experts_without_sharing_fail_with_a_hint():
-    def every_use_a_new_expert(n_experts, top_k, batch):
-        return min(n_experts, batch * top_k)
+def test_no_input_of_the_roofline_check_sits_on_a_tie():
+    """Arithmetic over reads is at least 1e-6 away from 1 at the answer and the batch before it, so that a learner's
+    sums in another order cannot move the answer."""
+    for dense, expert, E, k, weight_bytes, bandwidth, flop_rate in _roofline_inputs():
+        def ratio(B):
+            touched = expected_distinct_experts(E, k, B) if E else 0.0
+            return (2 * B * (dense + k * expert) / flop_rate) / (weight_bytes * (dense + touched * expert) / bandwidth)
 
-    verdict = repr(exercises.check_distinct_experts(every_use_a_new_expert))
-    assert verdict == ("✗ check_distinct_experts: on input 1 of 14 (n_experts=256, top_k=8, batch=64) the result is "
-                       "256, expected 222.442. Hint: tokens share experts: expert e is untouched only when every "
-                       "token misses it, with probability (1 − k/E)^B; sum 1 − that over the E experts.")
-
-
-def test_k_independent_draws_per_token_fail_with_a_hint():
-    def with_replacement(n_experts, top_k, batch):
-        return n_experts * (1 - (1 - 1 / n_experts) ** (batch * top_k))
-
-    verdict = repr(exercises.check_distinct_experts(with_replacement))
-    assert "on input 1 of 14 (n_experts=256, top_k=8, batch=64) the result is 221.49, expected 222.442" in verdict
-    assert "Hint: a token's k experts are distinct, not k independent draws" in verdict
+        first = _roofline_batch(dense, expert, E, k, weight_bytes, bandwidth, flop_rate)
+        for B in ([first, first - 1] if first else [2 ** 16]):
+            assert B == 0 or abs(ratio(B) - 1) > 1e-6, (dense, expert, E, k, B)
 
 
-def test_fifo_instead_of_lru_fails_with_a_hint():
-    def fifo_loads(trace, capacity):
-        cache, loads = [], 0
-        for step in trace:
-            for expert in step:
-                if expert not in cache:            # a hit leaves the expert where it was: first in, first out
-                    cache = cache[1:] if len(cache) == capacity else cache
-                    cache.append(expert)
-                    loads += 1
-        return loads
+def _learner_scan(touched, flops_per_weight=2, all_experts_computed=False):
+    """A learner's scan of the batch that reads ``touched(B, E, k)`` experts per step, does ``flops_per_weight``
+    per weight used, and multiplies each token by all ``E`` experts if ``all_experts_computed``."""
+    def roofline_batch(n_params_dense, n_params_expert, n_experts, top_k, bytes_per_weight, bandwidth, flop_rate):
+        used = n_experts if all_experts_computed else top_k
+        for B in range(1, 2 ** 16 + 1):
+            read = bytes_per_weight * (n_params_dense + touched(B, n_experts, top_k) * n_params_expert) / bandwidth
+            if flops_per_weight * B * (n_params_dense + used * n_params_expert) / flop_rate >= read:
+                return B
+        return None
 
-    verdict = repr(exercises.check_lru_loads(fifo_loads))
-    assert verdict == ("✗ check_lru_loads: on input 1 of 11 (trace=[[0], [1], [0], [2], [0]], capacity=2) the result "
-                       "is 4, expected 3. Hint: on a hit, LRU makes the expert the most recently used again; "
-                       "evicting in the order of loading (FIFO) throws out experts that are still in use.")
+    return roofline_batch
 
 
-def test_counting_only_the_evictions_fails_with_a_hint():
-    def evictions(trace, capacity):
-        return NS["lru_loads"](trace, capacity) - min(capacity, len({e for step in trace for e in step}))
-
-    verdict = repr(exercises.check_lru_loads(evictions))
-    assert "the result is 1, expected 3. Hint: every load counts, the first ones into the empty cache too" in verdict
+def _uniform(B, E, k):
+    return E * (1 - (1 - k / E) ** B) if E else 0.0
 
 
-def test_the_absorbed_attention_reference_is_moelabs_absorbed_decode_step():
-    config = ModelConfig(vocab_size=40, block_size=32, n_layer=1, n_head=4, d_model=32, n_routed_experts=4, top_k=2,
-                         d_expert=16, attention="mla", q_lora_rank=16, kv_lora_rank=24, qk_nope_head_dim=8,
-                         qk_rope_head_dim=4, v_head_dim=6)
-    torch.manual_seed(0)
-    model = Transformer(config).double().eval()
-    attn, (B, S), H, r = model.layers[0].attn, (2, 9), config.n_head, config.kv_lora_rank
-    x = torch.randn(B, S, config.d_model, dtype=torch.float64)
-    cos, sin = model.rope_cos, model.rope_sin
-    cache = (torch.zeros(B, S, r, dtype=torch.float64), torch.zeros(B, S, config.qk_rope_head_dim,
-                                                                     dtype=torch.float64))
-    with torch.no_grad():
-        mla_absorbed_step(attn, x[:, :-1], cos[:S - 1], sin[:S - 1], cache, 0)                  # the prefill
-        expected = mla_absorbed_step(attn, x[:, -1:], cos[S - 1:S], sin[S - 1:S], cache, S - 1)
-        q_nope, q_pe = attn.queries(x[:, -1:], cos[S - 1:S], sin[S - 1:S])
-        w_uk, w_uv = attn.wkv_b.weight.view(H, attn.nope + attn.v_dim, r).split([attn.nope, attn.v_dim], 1)
-        inputs = dict(q_nope=q_nope, q_pe=q_pe, c_kv=cache[0], k_pe=cache[1], w_uk=w_uk, w_uv=w_uv,
-                      scale=attn.scale)
-        for fn in (NS["absorbed_attention"], _naive_attention):
-            torch.testing.assert_close(attn.wo(fn(**inputs).reshape(B, 1, H * attn.v_dim)), expected)
+_reads_k_experts = _learner_scan(lambda B, E, k: k)
+_reads_all_experts = _learner_scan(lambda B, E, k: E)
+_one_flop_per_weight = _learner_scan(_uniform, flops_per_weight=1)
+_all_experts_computed = _learner_scan(_uniform, all_experts_computed=True)
+
+
+def test_reading_k_experts_at_every_batch_fails_with_a_hint():
+    verdict = repr(exercises.check_roofline_batch(_reads_k_experts))
+    assert verdict == ("✗ check_roofline_batch: on input 1 of 14 (n_params_dense=0, n_params_expert=1e+08, "
+                       "n_experts=64, top_k=8, bytes_per_weight=4, bandwidth=1.6e+10, flop_rate=6.7e+10) the result "
+                       "is 9, expected 67. Hint: the batch's tokens choose different experts: a step reads the "
+                       "E·(1 − (1 − k/E)^B) experts they touched, not k, so its bytes grow with the batch.")
+
+
+@pytest.mark.parametrize("wrong, where, hint", [
+    (_reads_all_experts, "on input 5 of 14", "a step reads only the experts its tokens touched"),
+    (_one_flop_per_weight, "on input 1 of 14", "a multiply-add is 2 FLOPs"),
+    (_all_experts_computed, "on input 1 of 14", "each token multiplies by its own k experts, not all E"),
+], ids=["all-experts-read", "one-flop-per-weight", "all-experts-computed"])
+def test_roofline_mistakes_fail_with_a_hint(wrong, where, hint):
+    verdict = repr(exercises.check_roofline_batch(wrong))
+    assert verdict.startswith(f"✗ check_roofline_batch: {where} ") and f"Hint: {hint}" in verdict
+
+
+def test_the_last_memory_bound_batch_fails_with_a_hint():
+    def last_memory_bound(**inputs):
+        first = NS["roofline_batch"](**inputs)
+        return None if first is None else first - 1
+
+    verdict = repr(exercises.check_roofline_batch(last_memory_bound))
+    assert "the result is 66, expected 67. Hint: return the first batch that is compute-bound" in verdict
+
+
+def test_a_scan_without_the_cap_fails_on_the_memory_bound_model():
+    def no_cap(n_params_dense, n_params_expert, n_experts, top_k, bytes_per_weight, bandwidth, flop_rate):
+        B = 1                                                   # scans on until the step is compute-bound
+        while 2 * B * (n_params_dense + top_k * n_params_expert) / flop_rate < \
+                bytes_per_weight * (n_params_dense + _uniform(B, n_experts, top_k) * n_params_expert) / bandwidth:
+            B += 1
+        return B
+
+    verdict = repr(exercises.check_roofline_batch(no_cap))
+    assert verdict.startswith("✗ check_roofline_batch: on input 8 of 14 (n_params_dense=1e+09, "
+                              "n_params_expert=8e+08, n_experts=2048, top_k=1, ")
+    assert verdict.endswith(", expected None.")
+
+
+def test_slots_by_total_load_fail_with_a_hint():
+    def by_total_load(loads, num_slots):
+        replicas = [1] * len(loads)
+        hottest = max(range(len(loads)), key=lambda e: loads[e])      # the load never changes: always the same one
+        replicas[hottest] += num_slots - len(loads)
+        return replicas
+
+    verdict = repr(exercises.check_replicate_experts(by_total_load))
+    assert verdict == ("✗ check_replicate_experts: on input 1 of 12 (loads=[120, 70, 50, 10], num_slots=8) the "
+                       "result[0] is 5, expected 3. Hint: divide by the replicas an expert already has: its tokens "
+                       "split evenly over them, so pick the largest loads[e] / replicas[e]. By total load the "
+                       "hottest expert takes every extra slot.")
+
+
+def test_the_load_after_one_more_replica_fails_with_a_hint():
+    def after_one_more(loads, num_slots):
+        replicas = [1] * len(loads)
+        for _ in range(num_slots - len(loads)):
+            replicas[max(range(len(loads)), key=lambda e: loads[e] / (replicas[e] + 1))] += 1
+        return replicas
+
+    verdict = repr(exercises.check_replicate_experts(after_one_more))
+    assert "on input 1 of 12 (loads=[120, 70, 50, 10], num_slots=8) the result[0] is 4, expected 3" in verdict
+    assert "Hint: compare the load per replica each expert has now" in verdict
+
+
+def test_ties_to_the_highest_index_fail_with_a_hint():
+    def ties_to_last(loads, num_slots):
+        replicas = [1] * len(loads)
+        for _ in range(num_slots - len(loads)):
+            per_replica = [load / n for load, n in zip(loads, replicas)]
+            replicas[len(loads) - 1 - per_replica[::-1].index(max(per_replica))] += 1
+        return replicas
+
+    verdict = repr(exercises.check_replicate_experts(ties_to_last))
+    assert verdict == ("✗ check_replicate_experts: on input 2 of 12 (loads=[4, 4, 2], num_slots=4) the result[0] is "
+                       "1, expected 2. Hint: on a tie, the extra slot goes to the lowest index, as torch.max picks.")
+
+
+@pytest.mark.parametrize("slots", [31, 32, 40, 48, 64])
+def test_the_replicas_are_those_of_the_chapters_balancer(slots):
+    """The global policy that section 6 calls (one group, one node) replicates the layer's row as exercise 12.2."""
+    gen = torch.Generator().manual_seed(slots)
+    loads = torch.stack([torch.bincount(torch.multinomial(torch.rand(31, generator=gen) ** 3 + 0.02, 3000, True,
+                                                          generator=gen), minlength=31) for _ in range(4)])
+    num_gpus = 4 if slots % 4 == 0 else 1
+    logcnt = rebalance_experts(loads.float(), slots, num_groups=1, num_nodes=1, num_gpus=num_gpus)[2]
+    assert [NS["replicate_experts"](row.tolist(), slots) for row in loads] == logcnt.tolist()
+
+
+@pytest.mark.parametrize("acceptance", [0.0, 0.5, 0.888, 1.0])
+@pytest.mark.parametrize("n_draft", [1, 2, 4])
+def test_tokens_per_pass_are_what_a_simulated_chain_yields(acceptance, n_draft):
+    """Each pass: n drafts, each accepted with probability a; the accepted prefix and one token of the main model's."""
+    passes = 20000
+    gen = torch.Generator().manual_seed(round(1000 * acceptance) + n_draft)
+    accepted = torch.rand(passes, n_draft, generator=gen) < acceptance
+    tokens = (accepted.int().cumprod(1).sum(1) + 1).double()       # drafts up to the first rejection, plus one
+    error = 4 * tokens.std().item() / passes ** 0.5 + 1e-9          # 4 standard errors
+    assert abs(tokens.mean().item() - NS["expected_tokens_per_pass"](acceptance, n_draft)) <= error
+
+
+def test_each_draft_accepted_on_its_own_fails_with_a_hint():
+    def independent(acceptance, n_draft):
+        return 1 + n_draft * acceptance
+
+    verdict = repr(exercises.check_expected_tokens_per_pass(independent))
+    assert verdict == ("✗ check_expected_tokens_per_pass: on input 1 of 16 (acceptance=0.888, n_draft=4) the result "
+                       "is 4.552, expected 3.99857. Hint: a draft is kept only if every draft before it was: the "
+                       "i-th with probability a^i, not a.")
 
 
 @pytest.mark.parametrize("wrong, hint", [
-    (functools.partial(_absorbed, rope=False), "add the position part q_pe · k_pe to every score"),
-    (functools.partial(_absorbed, scaled=False), "multiply the scores by scale before the softmax."),
-    (functools.partial(_absorbed, softmax_dim=1), "the softmax runs over the S cached positions, for each head"),
-], ids=["no-rope-scores", "unscaled", "softmax-over-heads"])
-def test_absorbed_attention_mistakes_fail_with_a_hint(wrong, hint):
-    verdict = repr(exercises.check_absorbed_attention(wrong))
-    assert verdict.startswith("✗ check_absorbed_attention: on input 1 of 6 (q_nope=tensor(2, 4, 1, 16) float64, ")
+    (lambda acceptance, n_draft: sum(acceptance ** i for i in range(1, n_draft + 1)),
+     "count the main model's own token too"),
+    (lambda acceptance, n_draft: sum(acceptance ** i for i in range(n_draft)), "n drafts give up to n + 1 tokens"),
+    (lambda acceptance, n_draft: 1 / (1 - acceptance), "the chain stops after n drafts"),
+], ids=["drafts-only", "one-term-short", "no-cap"])
+def test_tokens_per_pass_mistakes_fail_with_a_hint(wrong, hint):
+    verdict = repr(exercises.check_expected_tokens_per_pass(wrong))
+    assert verdict.startswith("✗ check_expected_tokens_per_pass: on input 1 of 16 (acceptance=0.888, n_draft=4) ")
     assert f"Hint: {hint}" in verdict
 
 
-def test_absorbed_attention_in_the_heads_first_layout_is_named():
-    def heads_first(**inputs):
-        return NS["absorbed_attention"](**inputs).transpose(1, 2)
+def test_a_division_by_zero_at_full_acceptance_is_named():
+    def closed_form_only(acceptance, n_draft):
+        return (1 - acceptance ** (n_draft + 1)) / (1 - acceptance)
 
-    verdict = repr(exercises.check_absorbed_attention(heads_first))
-    assert verdict.endswith("the result has shape (2, 4, 1, 16), expected (2, 1, 4, 16).")
+    verdict = repr(exercises.check_expected_tokens_per_pass(closed_form_only))
+    assert verdict == ("✗ check_expected_tokens_per_pass: on input 10 of 16 (acceptance=1, n_draft=4) your "
+                       "function raised ZeroDivisionError: float division by zero")
 
 
 def test_an_unfilled_stub_reaches_the_learner():
-    def stub(trace, capacity):
-        raise NotImplementedError("exercise 12.2: write lru_loads")
+    def stub(loads, num_slots):
+        raise NotImplementedError("exercise 12.2: write replicate_experts")
 
     with pytest.raises(NotImplementedError, match="exercise 12.2"):
-        exercises.check_lru_loads(stub)
+        exercises.check_replicate_experts(stub)
