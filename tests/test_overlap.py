@@ -117,6 +117,6 @@ def test_a_posted_round_runs_while_the_rank_computes_and_queues_behind_the_one_b
     one = 5e-3 + 1e6 / 10e6
     for t in launch(rounds_rank, 2, timeout=60):
         assert 0.2 <= t["hidden"] < 0.2 + 0.03
-        assert t["waited"] == pytest.approx(one, abs=0.01)
-        assert t["queued"] == pytest.approx(2 * one, abs=0.01)
+        assert t["waited"] == pytest.approx(one, abs=0.03)        # + the rank's own time, tens of ms when busy
+        assert t["queued"] == pytest.approx(2 * one, abs=0.03)
         assert t["ends"][1] - t["ends"][0] == pytest.approx(one, abs=1e-6)
