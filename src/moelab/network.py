@@ -145,8 +145,8 @@ class Network:
         target = end if waited_from is None else max(end, waited_from)
         if self.virtual:
             self.offset += target - self.now()
-        elif target > self.now():
-            time.sleep(target - self.now())
+        else:
+            time.sleep(max(0.0, target - self.now()))       # one reading of the clock: it may pass target meanwhile
         self.clock = max(end, self.now(), self.clock if self.clock is not None else end)
 
     def set_speed(self, speed: float) -> None:
